@@ -1,0 +1,310 @@
+"""Run configuration: typed dataclasses, one per stage, nested in `RunConfig`.
+
+Every field has a default and a docstring (the string literal under it); `field_docs` reads them so
+`artaug config show` and the tests can use them. Values come from, in order: the dataclass defaults,
+a preset (`artaug/presets/<name>.yaml`), a user YAML file, then `--set section.field=value`.
+
+    cfg = load_config(preset="tiny", path="my.yaml", overrides=["generate.steps=8"])
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+PRESETS = ("tiny", "flux-dev")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the field."""
+
+
+@dataclass
+class RayConfig:
+    address: str = "local"
+    """Ray cluster to join: "local" starts a private local Ray; "auto" or ray://host:port joins one."""
+    num_cpus: int = 4
+    """Logical CPUs of a local Ray (may exceed the cores so small actors do not starve each other)."""
+    object_store_gb: float = 1.0
+    """Object store size of a local Ray, in GiB."""
+    include_dashboard: bool = False
+    """Start the Ray dashboard with a local Ray."""
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"
+    """Synthesis model: a hub id, a local folder saved by save_pretrained, or "tiny" (built in memory)."""
+    revision: str = ""
+    """Hub revision (commit or tag) to pin; empty means the default branch."""
+    loras: list[str] = field(default_factory=list)
+    """LoRA safetensors files fused into the weights on load, in order (round k: rounds 1..k-1)."""
+    lora_scale: float = 1.0
+    """Scale applied to every fused LoRA."""
+    dtype: str = "auto"
+    """Weights dtype: "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16" or "float16"."""
+    device: str = "auto"
+    """Device the code runs on: "auto" (CUDA when torch sees a GPU, else CPU), "cpu" or "cuda"."""
+    max_sequence_length: int = 512
+    """T5 token budget per prompt; longer prompts are truncated with a recorded warning."""
+    tiny_seed: int = 0
+    """Seed of the randomly initialised weights when source is "tiny"."""
+
+
+@dataclass
+class GenerateConfig:
+    width: int = 64
+    """Image width in pixels: a positive multiple of 16, at most max_side."""
+    height: int = 64
+    """Image height in pixels: a positive multiple of 16, at most max_side."""
+    steps: int = 4
+    """Denoising steps."""
+    guidance: float = 3.5
+    """Distilled guidance scale (FLUX.1-dev's guidance embedding)."""
+    seed: int = 0
+    """Base seed: a prompt without its own seed gets base seed + its line index."""
+    max_side: int = 2048
+    """Largest width or height accepted, in pixels."""
+    batch_size: int = 4
+    """Prompts per generation call within one actor (rows with equal settings are batched)."""
+    num_actors: int = 2
+    """Generation actors (model replicas) in the Ray Data actor pool."""
+    gpus_per_actor: float = -1.0
+    """GPUs Ray reserves per actor; -1 means 1 when the cluster has GPUs, else 0."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves per actor."""
+    torch_threads: int = 1
+    """torch intra-op threads per actor (keep actors x threads <= cores on CPU)."""
+    blocks: int = 0
+    """Ray Data blocks the prompts are split into; 0 means 4 per actor."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "artaug"
+    """Run name, used in log lines and the default output folder."""
+    preset: str = "tiny"
+    """Preset these values started from (informational once resolved)."""
+    output_root: str = "runs"
+    """Where `artaug run` creates run directories (local path, s3:// or gs://)."""
+    prompts: str = ""
+    """Prompt file for `artaug run`; empty uses the prompts shipped with the package."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray cluster settings."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Synthesis model (FLUX) settings."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Generate stage settings."""
+
+    def validate(self) -> RunConfig:
+        """Check every value; raises ConfigError naming the first bad field."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        g, m, r = self.generate, self.model, self.ray
+        _check(g.max_side >= 16, "generate.max_side", g.max_side, "must be >= 16")
+        for name in ("width", "height"):
+            value = getattr(g, name)
+            _check(
+                value > 0 and value % 16 == 0, f"generate.{name}", value, "is not a positive multiple of 16"
+            )
+            _check(
+                value <= g.max_side, f"generate.{name}", value, f"is above generate.max_side ({g.max_side})"
+            )
+        _check(g.steps >= 1, "generate.steps", g.steps, "must be >= 1")
+        _check(g.guidance >= 0, "generate.guidance", g.guidance, "must be >= 0")
+        _check(0 <= g.seed < 2**63, "generate.seed", g.seed, "must be in [0, 2**63)")
+        _check(g.batch_size >= 1, "generate.batch_size", g.batch_size, "must be >= 1")
+        _check(g.num_actors >= 1, "generate.num_actors", g.num_actors, "must be >= 1")
+        _check(
+            g.gpus_per_actor == -1 or g.gpus_per_actor >= 0,
+            "generate.gpus_per_actor",
+            g.gpus_per_actor,
+            "must be -1 (auto) or >= 0",
+        )
+        _check(g.cpus_per_actor > 0, "generate.cpus_per_actor", g.cpus_per_actor, "must be > 0")
+        _check(g.torch_threads >= 1, "generate.torch_threads", g.torch_threads, "must be >= 1")
+        _check(g.blocks >= 0, "generate.blocks", g.blocks, "must be >= 0")
+        _check(bool(m.source.strip()), "model.source", m.source, "must not be empty")
+        _check(
+            m.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.dtype",
+            m.dtype,
+            "must be auto, float32, bfloat16 or float16",
+        )
+        _check(m.device in ("auto", "cpu", "cuda"), "model.device", m.device, "must be auto, cpu or cuda")
+        _check(m.max_sequence_length >= 1, "model.max_sequence_length", m.max_sequence_length, "must be >= 1")
+        _check(r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1")
+        _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
+        return self
+
+
+def _check(ok: bool, name: str, value: Any, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {value!r} {problem}")
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(
+    preset: str | None = None, path: str | None = None, overrides: list[str] | tuple = ()
+) -> RunConfig:
+    """Defaults <- preset <- YAML file <- `section.field=value` overrides, then validate.
+
+    The preset comes from the argument, else from the file's `preset:` key, else "tiny".
+    """
+    user = _read_yaml_file(path) if path else {}
+    preset = preset or user.get("preset") or "tiny"
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    merged = _read_yaml_text(
+        resources.files("artaug.presets").joinpath(f"{preset}.yaml").read_text(), f"{preset}.yaml"
+    )
+    _deep_update(merged, user)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        _set_path(merged, key.strip().split("."), yaml.safe_load(raw) if raw.strip() else "")
+    merged["preset"] = preset
+    return from_dict(RunConfig, merged).validate()
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, coercing scalars and rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown field{hint}")
+        hint = typing.get_type_hints(cls)[key]
+        kwargs[key] = _coerce(hint, value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, name + ".")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _set_path(tree: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _read_yaml_file(path: str) -> dict:
+    from artaug.storage import read_bytes
+
+    try:
+        text = read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    return _read_yaml_text(text, path)
+
+
+def _read_yaml_text(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    return data
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- field docstrings
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: {field name: the string literal under it}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = following.value.value.strip()
+    return docs
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, docstring) for every leaf field, for `artaug config fields`."""
+    rows = []
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, repr(value), field_docs(cls).get(f.name, "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Model builders and loaders: synthesis (FLUX), tiny random models for CPU runs and tests."""

