@@ -143,7 +143,12 @@ class RunConfig:
             "must be auto, float32, bfloat16 or float16",
         )
         _check(m.device in ("auto", "cpu", "cuda"), "model.device", m.device, "must be auto, cpu or cuda")
-        _check(m.max_sequence_length >= 1, "model.max_sequence_length", m.max_sequence_length, "must be >= 1")
+        _check(
+            1 <= m.max_sequence_length <= 512,
+            "model.max_sequence_length",
+            m.max_sequence_length,
+            "must be in [1, 512] (FLUX's T5 limit)",
+        )
         _check(r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1")
         _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
         return self

@@ -25,22 +25,23 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 
 command -v "$PYTHON" >/dev/null || PYTHON=python3
-echo "[install] creating $VENV with $($PYTHON --version) (extras: $EXTRAS)"
-"$PYTHON" -m venv "$VENV"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "[install] creating $VENV with $($PYTHON --version)"
+    "$PYTHON" -m venv "$VENV"
+fi
+echo "[install] installing artaug[$EXTRAS] into $VENV (a first install takes several minutes)"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q -U pip wheel setuptools
 # torch first and explicitly, so nothing pulls an unpinned build.
-pip install -q "torch==$TORCH_VERSION"
+"$VENV/bin/python" -c "import torch" 2>/dev/null || pip install -q "torch==$TORCH_VERSION"
 pip install -q -e ".[$EXTRAS]"
-if [[ ",$EXTRAS," == *",cpu,"* ]]; then
+if [[ ",$EXTRAS," == *",cpu,"* ]] && ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
     echo "[install] swapping in PyPI's torch $TORCH_VERSION build so torchvision loads"
     pip uninstall -q -y torch
-    pip install -q --isolated --no-deps "torch==$TORCH_VERSION"
-    # The PyPI build's own requirements (CUDA runtime libraries etc.).
     pip install -q --isolated "torch==$TORCH_VERSION"
 fi
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, ray, diffusers, peft, deepspeed  # noqa: F401
+import torch, ray, diffusers, peft, deepspeed  # noqa: F401
 print(f"[install] ok: torch {torch.__version__}, ray {ray.__version__}, diffusers {diffusers.__version__}")
 PY
 echo "$want" > "$stamp"

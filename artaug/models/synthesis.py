@@ -73,13 +73,28 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
             pipe = pipe.to(dtype=dtype)
     elif looks_local(cfg.source):
         pipe = FluxPipeline.from_pretrained(
-            os.path.expanduser(cfg.source), torch_dtype=dtype, local_files_only=True
+            os.path.expanduser(cfg.source), dtype=dtype, local_files_only=True
         )
     else:
-        pipe = FluxPipeline.from_pretrained(cfg.source, torch_dtype=dtype, revision=cfg.revision or None)
+        pipe = FluxPipeline.from_pretrained(cfg.source, dtype=dtype, revision=cfg.revision or None)
     fuse_loras(pipe, cfg.loras, cfg.lora_scale)
     pipe.set_progress_bar_config(disable=True)
+    if device.type == "cpu":
+        _own_aligned_memory(pipe)
     return pipe.to(device)
+
+
+def _own_aligned_memory(pipe) -> None:
+    """Copy memory-mapped weights into fresh tensors.
+
+    safetensors maps weights at arbitrary byte offsets, and CPU matmul kernels round differently on
+    unaligned memory: without the copy a reloaded model's images differ from the in-memory model's
+    in the last bits. Fresh allocations are aligned, so outputs are byte-identical.
+    """
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in [*component.parameters(), *component.buffers()]:
+                tensor.data = tensor.data.clone()
 
 
 def fuse_loras(pipe, loras: list[str], scale: float = 1.0) -> None:

@@ -1,0 +1,95 @@
+import dataclasses
+import re
+
+import pytest
+
+from artaug.config import (
+    ConfigError,
+    GenerateConfig,
+    ModelConfig,
+    RayConfig,
+    RunConfig,
+    describe,
+    field_docs,
+    load_config,
+    to_yaml,
+)
+
+
+def test_every_field_has_a_default_and_a_docstring():
+    for cls in (RunConfig, RayConfig, ModelConfig, GenerateConfig):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+    names = [name for name, _, _ in describe()]
+    assert "generate.width" in names and "model.source" in names
+
+
+def test_tiny_is_the_default_preset():
+    cfg = load_config()
+    assert cfg.preset == "tiny"
+    assert cfg.model.source == "tiny" and cfg.model.device == "cpu"
+    assert cfg.ray.address == "local"
+
+
+def test_flux_dev_preset():
+    cfg = load_config("flux-dev")
+    assert cfg.model.source == "black-forest-labs/FLUX.1-dev"
+    assert cfg.model.dtype == "bfloat16"
+    assert (cfg.generate.width, cfg.generate.height) == (1024, 1024)
+    assert cfg.generate.steps == 28 and cfg.generate.guidance == 3.5
+    assert cfg.generate.gpus_per_actor == 1
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("preset: flux-dev\ngenerate:\n  steps: 10\n  width: 512\n")
+    cfg = load_config(
+        path=str(path), overrides=["generate.steps=12", "model.loras=a.safetensors,b.safetensors"]
+    )
+    assert cfg.preset == "flux-dev"
+    assert cfg.generate.steps == 12  # --set wins over the file
+    assert cfg.generate.width == 512  # the file wins over the preset
+    assert cfg.generate.height == 1024  # the preset fills the rest
+    assert cfg.model.loras == ["a.safetensors", "b.safetensors"]
+    assert isinstance(load_config(overrides=["generate.guidance=4"]).generate.guidance, float)
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config("tiny", overrides=["generate.steps=7", "name=demo"])
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path=str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("generate.width=100", "generate.width: 100 is not a positive multiple of 16"),
+        ("generate.height=0", "generate.height: 0 is not a positive multiple of 16"),
+        ("generate.width=4096", "is above generate.max_side"),
+        ("generate.steps=0", "generate.steps"),
+        ("generate.steps=abc", "generate.steps: expected an integer"),
+        ("generate.widht=64", "unknown field (did you mean 'width'?)"),
+        ("nosuch.field=1", "nosuch: unknown field"),
+        ("model.dtype=float8", "model.dtype"),
+        ("model.max_sequence_length=600", "model.max_sequence_length"),
+        ("ray.include_dashboard=maybe", "expected true or false"),
+        ("generate.steps", "expected section.field=value"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_field_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=[override])
+
+
+def test_bad_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="preset: 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(path=str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path=str(bad))
