@@ -9,7 +9,7 @@ import time
 from importlib import resources
 
 from artaug import storage
-from artaug.config import ConfigError, RunConfig, describe, load_config, to_yaml
+from artaug.config import ConfigError, RunConfig, describe, load_config, reference_markdown, to_yaml
 
 log = logging.getLogger("artaug")
 
@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(show)
     show.set_defaults(func=cmd_config_show)
     fields = config_sub.add_parser("fields", help="list every field with its default and meaning")
+    fields.add_argument("--markdown", action="store_true", help="as the table in docs/configuration.md")
     fields.set_defaults(func=cmd_config_fields)
     return parser
 
@@ -86,6 +87,9 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_config_fields(args) -> int:
+    if args.markdown:
+        print(reference_markdown(), end="")
+        return 0
     for name, default, doc in describe():
         print(f"{name} = {default}\n    {doc}")
     return 0

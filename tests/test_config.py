@@ -1,5 +1,6 @@
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from artaug.config import (
     describe,
     field_docs,
     load_config,
+    reference_markdown,
     to_yaml,
 )
 
@@ -24,6 +26,11 @@ def test_every_field_has_a_default_and_a_docstring():
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
     names = [name for name, _, _ in describe()]
     assert "generate.width" in names and "model.source" in names
+
+
+def test_configuration_reference_is_current():
+    path = Path(__file__).parents[1] / "docs" / "configuration.md"
+    assert path.read_text() == reference_markdown(), "regenerate: artaug config fields --markdown"
 
 
 def test_tiny_is_the_default_preset():

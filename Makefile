@@ -1,0 +1,18 @@
+# The two set-up commands of the README. Each builds .venv from the project's own files first
+# (scripts/install.sh is idempotent: a second run takes seconds).
+.PHONY: install run test bench lint
+
+install:
+	bash scripts/install.sh
+
+run: install
+	.venv/bin/artaug run
+
+test: install
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	.venv/bin/python benchmarks/generate_throughput.py
+
+lint: install
+	.venv/bin/ruff check artaug tests benchmarks && .venv/bin/ruff format --check artaug tests benchmarks
