@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# s3:// in tests means a moto server on loopback (started by the `s3_bucket` fixture). These are set
+# before Ray starts so its workers see them too; nothing can reach a real cloud from a test.
+S3_PORT = _free_port()
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 # Two cores are shared by the test process and Ray's workers: one thread each.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,6 +45,19 @@ def ray_local():
     init_ray(RayConfig(num_cpus=4, object_store_gb=1.0))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """An empty bucket on a local S3-compatible server; yields its s3:// URI."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="artaug-test")
+    yield "s3://artaug-test"
+    server.stop()
 
 
 @pytest.fixture(scope="session")

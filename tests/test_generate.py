@@ -142,6 +142,20 @@ def test_main_job_runs_the_tiny_default(ray_local, tmp_path, capsys):
     assert "preset: tiny" in open(f"{run_dir}/run.yaml").read()
 
 
+def test_prompts_from_and_images_to_s3(ray_local, s3_bucket, tmp_path, capsys):
+    storage.write_text(f"{s3_bucket}/in/prompts.txt", "a red kite\n\na blue kite\na green kite\n")
+    out = f"{s3_bucket}/runs/s3-demo"
+    args = ["generate", "--prompts", f"{s3_bucket}/in/prompts.txt", "--out", out]
+    assert cli([*args, "--set", "generate.num_actors=1"]) == 0
+    assert "3 rows, 3 images, 0 errors" in capsys.readouterr().out
+    assert storage.is_complete(f"{out}/generate")
+    assert storage.read_summary(f"{out}/generate")["skipped_blank_prompts"] == 1
+    table = read_stage(f"{out}/generate")
+    assert table.column("prompt").to_pylist() == ["a red kite", "a blue kite", "a green kite"]
+    assert all(pixels(png).shape == (64, 64, 3) for png in table.column("image").to_pylist())
+    assert storage.exists(f"{out}/run.yaml") and storage.exists(f"{out}/preview.png")
+
+
 # ------------------------------------------------------------------ fail fast, in a fresh process
 
 
