@@ -20,3 +20,27 @@ GENERATE = pa.schema(
         ("seconds", pa.float64()),  # this row's share of its batch's wall time
     ]
 )
+
+# The enhance stage writes one pair row per generated image; the filter stage keeps these columns
+# and adds its scores, `accepted` and `reject_reasons`. Training uses both images with `prompt`
+# (the original prompt), never `enhance_prompt`.
+PAIR = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),  # the original prompt: the caption of both images in training
+        ("seed", pa.int64()),
+        ("round", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float32()),
+        ("before", pa.binary()),  # PNG of the generated image
+        ("after", pa.binary()),  # PNG of the enhanced image; null on error rows
+        ("enhance_prompt", pa.string()),  # the global prompt used for enhancement
+        ("mode", pa.string()),  # regional | img2img | photometric
+        ("regions", pa.string()),  # JSON list of the regions used: [{"box": [x0,y0,x1,y1], "prompt": ...}]
+        ("unchanged", pa.bool_()),  # no usable suggestion: after == before
+        ("error", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
