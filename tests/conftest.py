@@ -6,7 +6,8 @@ import os
 import socket
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -14,7 +15,7 @@ def _free_port() -> int:
 
 # s3:// in tests means a moto server on loopback (started by the `s3_bucket` fixture). These are set
 # before Ray starts so its workers see them too; nothing can reach a real cloud from a test.
-S3_PORT = _free_port()
+S3_PORT = free_port()
 os.environ.update(
     AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
     AWS_ACCESS_KEY_ID="testing",

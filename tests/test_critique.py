@@ -1,0 +1,166 @@
+"""The critique stage end to end: heuristic, vLLM through ray.data.llm, and a real OpenAI-compatible
+vLLM server (started once for the session), with corrupt images and dead endpoints among the inputs."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jsonschema
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from artaug import schema, storage
+from artaug.cli import main as cli
+from artaug.critique.heuristic import heuristic_critique
+from artaug.critique.images import decode_image
+from artaug.critique.schema import critique_schema
+from artaug.stages.critique import critic_model, critique
+from artaug.stages.generate import read_stage
+from tests.conftest import tiny_config
+
+CORRUPT_ID = "corrupt"
+
+
+@pytest.fixture(scope="module")
+def images(ray_local, tmp_path_factory) -> str:
+    """A completed generate output with 6 images, plus one corrupt image and one failed row."""
+    from artaug.prompts import read_prompts
+    from artaug.stages.generate import generate
+
+    folder = tmp_path_factory.mktemp("crit-in")
+    (folder / "p.txt").write_text("\n".join(f"a quiet harbour, view {i}" for i in range(6)) + "\n")
+    stage = str(folder / "generate")
+    generate(tiny_config(**{"generate.num_actors": 1}), read_prompts(str(folder / "p.txt")), stage)
+    extra = [
+        {"prompt_id": CORRUPT_ID, "prompt": "broken", "seed": 1, "round": 1, "image": b"\x89PNG garbage"},
+        {"prompt_id": "failed-gen", "prompt": "nothing", "seed": 2, "round": 1, "error": "OOM"},
+    ]
+    rows = [{name: row.get(name) for name in schema.GENERATE.names} for row in extra]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.GENERATE), f"{stage}/extra.parquet")
+    return stage
+
+
+def rows_by_id(stage_dir: str) -> dict:
+    return {row["prompt_id"]: row for row in read_stage(stage_dir).to_pylist()}
+
+
+def assert_every_image_critiqued(rows: dict, backend: str) -> None:
+    assert len(rows) == 8  # one row per input row
+    assert rows[CORRUPT_ID]["status"] == "failed" and "corrupt image" in rows[CORRUPT_ID]["error"]
+    assert (
+        rows["failed-gen"]["status"] == "failed" and "generation failed: OOM" in rows["failed-gen"]["error"]
+    )
+    good = [row for key, row in rows.items() if key not in (CORRUPT_ID, "failed-gen")]
+    for row in good:
+        assert row["backend"] == backend and row["round"] == 1
+        # Every answer conforms to the schema: the constraint really reached the decoder.
+        jsonschema.validate(json.loads(row["raw"], strict=False), critique_schema())
+        assert row["status"] == "ok", row["error"]
+        parsed = json.loads(row["critique"])
+        assert 1 <= parsed["rating"] <= 10 and row["rating"] == parsed["rating"]
+        for region in parsed["regions"]:
+            x0, y0, x1, y1 = region["box"]
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+
+
+def test_heuristic_backend_via_cli(images, tmp_path, capsys):
+    out = str(tmp_path / "h")
+    assert cli(["critique", "--images", images, "--out", out, "--set", "critique.backend=heuristic"]) == 0
+    assert "8 rows: 6 ok, 0 invalid, 2 failed" in capsys.readouterr().out
+    rows = rows_by_id(f"{out}/critique")
+    assert_every_image_critiqued(rows, "heuristic")
+    assert storage.read_summary(f"{out}/critique")["failed"] == 2
+
+
+def test_vllm_backend_through_ray_data_llm(images, tmp_path):
+    summary = critique(tiny_config(), images, str(tmp_path / "critique"))
+    rows = rows_by_id(str(tmp_path / "critique"))
+    assert_every_image_critiqued(rows, "vllm")
+    assert summary["ok"] == 6 and summary["failed"] == 2
+
+
+@pytest.fixture(scope="module")
+def critic_server(tmp_path_factory):
+    """One real vLLM OpenAI-compatible server on the tiny VLM, as `artaug critic serve` starts it."""
+    from artaug.critique.server import start_server, stop_server, wait_ready
+    from tests.conftest import free_port
+
+    cfg = tiny_config().critique
+    log = str(tmp_path_factory.mktemp("critic") / "server.log")
+    process, url = start_server(critic_model(cfg), cfg, port=free_port(), log_path=log)
+    try:
+        wait_ready(process, url, timeout_s=600, log_path=log)
+        yield url
+    finally:
+        stop_server(process)
+
+
+def test_openai_backend_against_a_real_vllm_server(ray_local, images, critic_server, tmp_path):
+    cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": critic_server})
+    summary = critique(cfg, images, str(tmp_path / "critique"))
+    rows = rows_by_id(str(tmp_path / "critique"))
+    assert_every_image_critiqued(rows, "openai")
+    assert summary["ok"] == 6
+    assert all(row["model"] == critic_model(cfg.critique) for row in rows.values() if row["status"] == "ok")
+
+
+def test_unreachable_endpoint_fails_rows_without_hanging(ray_local, images, tmp_path):
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": dead, "critique.max_retries": 1,
+                         "critique.backoff_s": 0.1, "critique.timeout_s": 5})  # fmt: skip
+    summary = critique(cfg, images, str(tmp_path / "critique"))
+    assert summary["failed"] == 8 and summary["ok"] == 0
+    errors = {row["error"] for row in rows_by_id(str(tmp_path / "critique")).values()}
+    assert any("endpoint unusable" in e for e in errors)
+
+
+class FlakyEndpoint(BaseHTTPRequestHandler):
+    """Answers 503 to the first `failures` chat requests, then a valid critique; counts requests."""
+
+    failures = 2
+    calls = 0
+
+    def do_GET(self):  # /v1/models
+        self._send(200, {"data": [{"id": "flaky"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["response_format"]["json_schema"]["schema"] == critique_schema()
+        type(self).calls += 1
+        if type(self).calls <= type(self).failures:
+            return self._send(503, {"error": "overloaded"})
+        url = body["messages"][0]["content"][0]["image_url"]["url"]
+        import base64
+
+        image = decode_image(base64.b64decode(url.split(",", 1)[1]))
+        answer = json.dumps(heuristic_critique(image, "x"))
+        self._send(200, {"choices": [{"message": {"content": answer}}]})
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_5xx_is_retried_with_backoff_then_succeeds(ray_local, images, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": url,
+                             "critique.concurrency": 1,
+                             "critique.backoff_s": 0.05, "critique.max_retries": 3})  # fmt: skip
+        summary = critique(cfg, images, str(tmp_path / "critique"))
+    finally:
+        server.shutdown()
+    assert summary["ok"] == 6 and summary["failed"] == 2
+    assert FlakyEndpoint.calls == 6 + FlakyEndpoint.failures  # two 503s retried, then one call each
