@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(crit)
     crit.set_defaults(func=cmd_critique)
 
+    enh = commands.add_parser("enhance", help="turn images and their critiques into (before, after) pairs")
+    enh.add_argument("--images", required=True, help="a completed generate output (or its parent folder)")
+    enh.add_argument("--critiques", required=True, help="a completed critique output (or its parent folder)")
+    enh.add_argument("--out", required=True, help="output directory (local path, s3:// or gs://)")
+    enh.add_argument("--overwrite", action="store_true", help="replace a completed output")
+    _config_options(enh)
+    enh.set_defaults(func=cmd_enhance)
+
     critic = commands.add_parser("critic", help="a long-lived critic server")
     critic_sub = critic.add_subparsers(title="critic commands", required=True, metavar="COMMAND")
     serve_critic = critic_sub.add_parser("serve", help="start vLLM's OpenAI-compatible server for a VLM")
@@ -140,6 +148,27 @@ def cmd_critique(args) -> int:
     return 0
 
 
+def cmd_enhance(args) -> int:
+    cfg = _load(args)
+    storage.write_text(storage.join(args.out, "run.yaml"), to_yaml(cfg))
+    _enhance_into(cfg, args.images, args.critiques, args.out, args.overwrite)
+    return 0
+
+
+def _enhance_into(cfg: RunConfig, images: str, critiques: str, out: str, overwrite: bool) -> dict:
+    from artaug.stages.enhance import enhance
+
+    stage_dir = storage.join(out, "enhance")
+    log.info("enhancing (%s) into %s", cfg.enhance.mode, stage_dir)
+    summary = enhance(cfg, images, critiques, stage_dir, overwrite=overwrite)
+    print(
+        f"enhance ({summary['mode']}): {summary['rows']} pairs: {summary['enhanced']} enhanced,"
+        f" {summary['unchanged']} unchanged, {summary['errors']} errors; {summary['seconds']:.1f} s"
+        f"\n  pairs: {stage_dir}"
+    )
+    return summary
+
+
 def _critique_into(cfg: RunConfig, images: str, out: str, overwrite: bool) -> dict:
     from artaug.stages.critique import critique
 
@@ -185,7 +214,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The main job. Today it runs the stages that exist (generate, critique) and says where the output is."""
+    """The main job. Today it runs the stages that exist (generate, critique, enhance) and says where
+    the output is."""
     from artaug.prompts import read_prompts
 
     cfg = _load(args)
@@ -199,6 +229,7 @@ def cmd_run(args) -> int:
     round_dir = storage.join(out, "round-1")
     _generate_into(cfg, prompts, round_dir, 1, overwrite=False)
     _critique_into(cfg, storage.join(round_dir, "generate"), round_dir, overwrite=False)
+    _enhance_into(cfg, round_dir, round_dir, round_dir, overwrite=False)
     print(f"run directory: {out} (resolved config: {storage.join(out, 'run.yaml')})")
     return 0
 
@@ -230,10 +261,12 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     from artaug.models.synthesis import ModelSourceError
     from artaug.prompts import PromptFileError
     from artaug.stages.critique import CritiqueInputError
+    from artaug.stages.enhance import EnhanceInputError
     from artaug.stages.generate import StageDoneError
 
     return (
-        ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError
+        ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError,
+        EnhanceInputError,
     )  # fmt: skip
 
 

@@ -185,6 +185,38 @@ class CritiqueConfig:
 
 
 @dataclass
+class EnhanceConfig:
+    mode: str = "regional"
+    """How suggestions become an enhanced image: "regional", "img2img" or "photometric"."""
+    mask_scale: float = 1.0
+    """s_i: weight of each regional prediction under its mask (regional mode)."""
+    blur_kernel: int = 5
+    """Gaussian blur kernel of region masks, in latent tokens of 16x16 pixels; 1 means no blur."""
+    blur_sigma: float = 1.0
+    """Gaussian blur sigma of region masks, in latent tokens."""
+    max_regions: int = 4
+    """Regions used per image at most (each costs one more transformer evaluation per step)."""
+    use_rewritten_prompt: bool = False
+    """Use the critic's rewritten prompt as the global prompt when it gives one (else the original)."""
+    img2img_strength: float = 0.6
+    """How far img2img departs from the original image (0 keeps it, 1 ignores it)."""
+    photometric_step: float = 0.08
+    """Change per strength unit of an adjustment in photometric mode (e.g. +8% exposure)."""
+
+    def validate(self) -> None:
+        _check(self.mode in ("regional", "img2img", "photometric"), "enhance.mode", self.mode,
+               "must be regional, img2img or photometric")  # fmt: skip
+        _check(self.mask_scale > 0, "enhance.mask_scale", self.mask_scale, "must be > 0")
+        _check(self.blur_kernel >= 1 and self.blur_kernel % 2 == 1, "enhance.blur_kernel", self.blur_kernel,
+               "must be an odd number >= 1")  # fmt: skip
+        _check(self.blur_sigma >= 0, "enhance.blur_sigma", self.blur_sigma, "must be >= 0")
+        _check(self.max_regions >= 0, "enhance.max_regions", self.max_regions, "must be >= 0")
+        _check(0 < self.img2img_strength <= 1, "enhance.img2img_strength", self.img2img_strength,
+               "must be in (0, 1]")  # fmt: skip
+        _check(self.photometric_step > 0, "enhance.photometric_step", self.photometric_step, "must be > 0")
+
+
+@dataclass
 class RunConfig:
     name: str = "artaug"
     """Run name, used in log lines and the default output folder."""
@@ -202,6 +234,8 @@ class RunConfig:
     """Generate stage settings."""
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
     """Critique stage settings (the understanding model)."""
+    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
+    """Enhance stage settings (the interaction algorithm); its actor pool uses generate's settings."""
 
     def validate(self) -> RunConfig:
         """Check every value; raises ConfigError naming the first bad field."""
@@ -246,6 +280,7 @@ class RunConfig:
             "must be in [1, 512] (FLUX's T5 limit)",
         )
         self.critique.validate()
+        self.enhance.validate()
         _check(r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1")
         _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
         return self

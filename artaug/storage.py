@@ -71,3 +71,11 @@ def mark_complete(stage_dir: str, summary: dict) -> None:
 
 def read_summary(stage_dir: str) -> dict:
     return json.loads(read_bytes(join(stage_dir, SUCCESS)))
+
+
+def find_stage(path: str, name: str) -> str | None:
+    """A completed stage folder: `path` itself, or `path/name`; None when neither is complete."""
+    for candidate in (path, join(path, name)):
+        if is_complete(candidate):
+            return candidate
+    return None

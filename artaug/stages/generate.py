@@ -1,7 +1,8 @@
 """Generate stage: prompts -> images, as a Ray Data actor pool with one pipeline per actor.
 
-Each actor loads the synthesis model once and generates batches of rows that share settings, with
-one torch.Generator per row, so a row's image depends only on its own prompt, seed and settings.
+Each actor loads the synthesis model once and generates batches of rows that share settings with our
+sampling loop (`artaug.flux_loop`, identical to diffusers' FluxPipeline), one torch.Generator per
+row, so a row's image depends only on its own prompt, seed and settings.
 A row whose generation raises becomes an error row; the others finish.
 
     artaug generate --prompts prompts.txt --out out/
@@ -22,6 +23,7 @@ import torch
 from artaug import schema, storage
 from artaug.cluster import cluster_has_gpus, init_ray
 from artaug.config import RunConfig
+from artaug.flux_loop import Job, sample
 from artaug.models.synthesis import check_source, load_pipeline
 from artaug.prompts import PER_ROW_SETTINGS, PromptSet
 
@@ -82,20 +84,16 @@ class FluxGenerator:
 
     def _run(self, rows: list[dict]) -> list[dict]:
         first = rows[0]
-        prompts = [row["prompt"] for row in rows]
-        generators = [torch.Generator("cpu").manual_seed(row["seed"]) for row in rows]
         start = time.perf_counter()
-        with torch.inference_mode():
-            images = self.pipe(
-                prompt=prompts,
-                width=first["width"],
-                height=first["height"],
-                num_inference_steps=first["steps"],
-                guidance_scale=first["guidance"],
-                generator=generators,
-                max_sequence_length=self.cfg.model.max_sequence_length,
-                output_type="pil",
-            ).images
+        images = sample(
+            self.pipe,
+            [Job(row["prompt"], row["seed"]) for row in rows],
+            width=first["width"],
+            height=first["height"],
+            steps=first["steps"],
+            guidance=first["guidance"],
+            max_sequence_length=self.cfg.model.max_sequence_length,
+        )
         share = (time.perf_counter() - start) / len(rows)
         return [
             {**row, "image": _png(image), "seconds": share, "warning": self._truncation(row)}

@@ -1,0 +1,224 @@
+"""Enhance stage: generated images + critiques -> (before, after) pairs.
+
+Modes (`enhance.mode`):
+- regional: regenerate with the same seed, size, steps and guidance while composing the global
+  prompt's prediction with each regional prompt's under its blurred mask (`artaug.flux_loop`);
+- img2img: diffusers' FluxImg2ImgPipeline from the original image with the rewritten or original
+  prompt at `img2img_strength`;
+- photometric: the critique's global adjustments applied to the original pixels.
+A row whose critique failed, or that gives nothing this mode can use, becomes a pair marked
+`unchanged` (after = before): counted, never dropped. Runs on the generate stage's actor pool settings.
+
+    artaug enhance --images out/generate --critiques out/critique --out out/
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from itertools import groupby
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from PIL import Image
+
+from artaug import schema, storage
+from artaug.cluster import cluster_has_gpus, init_ray
+from artaug.config import RunConfig
+from artaug.flux_loop import Job, Region, sample
+from artaug.photometric import apply_adjustments
+from artaug.stages.generate import StageDoneError, read_stage
+
+log = logging.getLogger(__name__)
+IDS = ("prompt_id", "seed", "round")
+
+
+class EnhanceInputError(ValueError):
+    """The generate and critique inputs are missing or do not describe the same images."""
+
+
+def key(row: dict) -> str:
+    return f"{row['prompt_id']}|{row['seed']}|{row['round']}"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Enhancer:
+    """Ray Data actor: holds the pipeline (regional, img2img) and turns image rows into pair rows."""
+
+    def __init__(self, cfg: RunConfig, critiques: dict[str, str | None]):
+        torch.set_num_threads(cfg.generate.torch_threads)
+        self.cfg, self.e = cfg, cfg.enhance
+        self.critiques = critiques
+        self.pipe = self.img2img = None
+        if self.e.mode != "photometric":
+            from artaug.models.synthesis import load_pipeline
+
+            self.pipe = load_pipeline(cfg.model)
+        if self.e.mode == "img2img":
+            from diffusers import FluxImg2ImgPipeline
+
+            self.img2img = FluxImg2ImgPipeline(**self.pipe.components)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pairs = [self._plan(row) for row in batch.to_pylist()]
+        work = sorted((p for p in pairs if p.pop("_work", False)), key=_settings)
+        done = {}
+        for _, group in groupby(work, key=_settings):
+            for pair in self._enhance_group(list(group)):
+                done[pair["prompt_id"]] = pair
+        out = [done.get(p["prompt_id"], p) for p in pairs]
+        for pair in out:
+            pair.pop("_regions", None)
+        return pa.Table.from_pylist(out, schema=schema.PAIR)
+
+    def _plan(self, row: dict) -> dict:
+        """The pair for this row: finished (error, unchanged, photometric) or marked as `_work`."""
+        pair = {name: row.get(name) for name in schema.PAIR.names if name in row}
+        pair.update(before=row["image"], after=None, enhance_prompt=row["prompt"], mode=self.e.mode,
+                    regions="[]", unchanged=False, error=None, seconds=0.0)  # fmt: skip
+        if row.get("error") or not row.get("image"):
+            pair["error"] = f"no image: generation failed: {row.get('error')}"
+            return pair
+        critique = self.critiques.get(key(row))
+        if critique is None:
+            return self._unchanged(pair)
+        critique = json.loads(critique)
+        if self.e.use_rewritten_prompt and critique["rewritten_prompt"].strip():
+            pair["enhance_prompt"] = critique["rewritten_prompt"].strip()
+        if self.e.mode == "photometric":
+            return self._photometric(pair, critique)
+        if self.e.mode == "regional":
+            regions = critique["regions"][: self.e.max_regions]
+            if not regions and pair["enhance_prompt"] == row["prompt"]:
+                return self._unchanged(pair)
+            pair["_regions"] = regions
+            pair["regions"] = json.dumps(regions)
+        elif not critique["rewritten_prompt"].strip():  # img2img needs a new prompt to go toward
+            return self._unchanged(pair)
+        else:
+            pair["enhance_prompt"] = critique["rewritten_prompt"].strip()
+        pair["_work"] = True
+        return pair
+
+    def _unchanged(self, pair: dict) -> dict:
+        return {**pair, "after": pair["before"], "unchanged": True}
+
+    def _photometric(self, pair: dict, critique: dict) -> dict:
+        start = time.perf_counter()
+        image = Image.open(io.BytesIO(pair["before"])).convert("RGB")
+        after, applied = apply_adjustments(image, critique["adjustments"], self.e.photometric_step)
+        if not applied:
+            return self._unchanged(pair)
+        return {**pair, "after": _png(after), "seconds": time.perf_counter() - start}
+
+    def _enhance_group(self, pairs: list[dict]) -> list[dict]:
+        try:
+            return self._run(pairs)
+        except Exception as err:  # noqa: BLE001 - isolate the failing row below
+            if len(pairs) == 1:
+                log.warning("enhancing %s failed: %s", pairs[0]["prompt_id"], err)
+                return [{**pairs[0], "error": f"{type(err).__name__}: {err}"}]
+            return [out for pair in pairs for out in self._enhance_group([pair])]
+
+    def _run(self, pairs: list[dict]) -> list[dict]:
+        first, start = pairs[0], time.perf_counter()
+        size = dict(width=first["width"], height=first["height"])
+        if self.e.mode == "regional":
+            jobs = [
+                Job(p["enhance_prompt"], p["seed"],
+                    [Region(tuple(r["box"]), r["prompt"], self.e.mask_scale) for r in p["_regions"]])
+                for p in pairs
+            ]  # fmt: skip
+            images = sample(self.pipe, jobs, steps=first["steps"], guidance=first["guidance"],
+                            max_sequence_length=self.cfg.model.max_sequence_length,
+                            blur_kernel=self.e.blur_kernel, blur_sigma=self.e.blur_sigma, **size)  # fmt: skip
+        else:
+            images = self.img2img(
+                prompt=[p["enhance_prompt"] for p in pairs],
+                image=[Image.open(io.BytesIO(p["before"])).convert("RGB") for p in pairs],
+                strength=self.e.img2img_strength,
+                num_inference_steps=first["steps"],
+                guidance_scale=first["guidance"],
+                generator=[torch.Generator("cpu").manual_seed(p["seed"]) for p in pairs],
+                max_sequence_length=self.cfg.model.max_sequence_length,
+                **size,
+            ).images
+        share = (time.perf_counter() - start) / len(pairs)
+        return [{**p, "after": _png(im), "seconds": share} for p, im in zip(pairs, images, strict=True)]
+
+
+def _settings(pair: dict) -> tuple:
+    return (pair["width"], pair["height"], pair["steps"], pair["guidance"])
+
+
+def load_critiques(critique_dir: str) -> dict[str, str | None]:
+    """{image key: critique JSON, or None when the critic gave no usable answer}."""
+    fs, path = storage.resolve(critique_dir)
+    table = pq.read_table(path, filesystem=fs, columns=[*IDS, "status", "critique"])
+    return {key(r): (r["critique"] if r["status"] == "ok" else None) for r in table.to_pylist()}
+
+
+def check_ids(generated: list[dict], critiques: dict) -> None:
+    """Both inputs must describe the same images; name what does not match."""
+    have = {key(r) for r in generated}
+    missing, extra = sorted(have - set(critiques)), sorted(set(critiques) - have)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} image(s) without a critique (e.g. {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} critique(s) without an image (e.g. {', '.join(extra[:3])})")
+        raise EnhanceInputError(
+            "generate and critique inputs do not match (prompt_id|seed|round): " + "; ".join(parts)
+        )
+
+
+def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str, overwrite: bool = False) -> dict:
+    """Run the stage into `stage_dir` (Parquet of pair rows + `_SUCCESS`); returns the summary."""
+    generate_dir = storage.find_stage(images, "generate")
+    critique_dir = storage.find_stage(critiques, "critique")
+    for path, found, name in ((images, generate_dir, "generate"), (critiques, critique_dir, "critique")):
+        if found is None:
+            raise EnhanceInputError(f"{path}: not a completed {name} output (no _SUCCESS)")
+    if storage.is_complete(stage_dir) and not overwrite:
+        raise StageDoneError(f"{stage_dir} already holds a completed stage (use --overwrite)")
+    critique_map = load_critiques(critique_dir)
+    check_ids(read_stage(generate_dir, columns=list(IDS)).to_pylist(), critique_map)
+    init_ray(cfg.ray)
+    g = cfg.generate
+    gpus = g.gpus_per_actor if g.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
+    start = time.perf_counter()
+    storage.remove_tree(stage_dir)
+    ds = ray.data.read_parquet(generate_dir, file_extensions=["parquet"])
+    ds.map_batches(
+        Enhancer,
+        fn_constructor_kwargs={"cfg": cfg, "critiques": critique_map},
+        batch_size=g.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+        num_gpus=gpus,
+        num_cpus=g.cpus_per_actor,
+    ).write_parquet(stage_dir)
+    table = read_stage(stage_dir, columns=["prompt_id", "unchanged", "error"])
+    errors = sum(1 for e in table.column("error").to_pylist() if e)
+    unchanged = sum(1 for u in table.column("unchanged").to_pylist() if u)
+    summary = {
+        "stage": "enhance",
+        "mode": cfg.enhance.mode,
+        "rows": table.num_rows,
+        "enhanced": table.num_rows - errors - unchanged,
+        "unchanged": unchanged,
+        "errors": errors,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    storage.mark_complete(stage_dir, summary)
+    return summary
