@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# Every image row starts with its ids and the settings it was sampled with.
+IMAGE_ROW = [
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("round", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("steps", pa.int32()),
+    ("guidance", pa.float32()),
+]
+
 GENERATE = pa.schema(
     [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("round", pa.int32()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float32()),
+        *IMAGE_ROW,
         ("image", pa.binary()),  # PNG bytes; null on error rows
         ("error", pa.string()),  # null when the row succeeded
         ("warning", pa.string()),  # e.g. the prompt was truncated; null when none
@@ -26,14 +31,7 @@ GENERATE = pa.schema(
 # (the original prompt), never `enhance_prompt`.
 PAIR = pa.schema(
     [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),  # the original prompt: the caption of both images in training
-        ("seed", pa.int64()),
-        ("round", pa.int32()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float32()),
+        *IMAGE_ROW,  # `prompt` is the original prompt: the caption of both images in training
         ("before", pa.binary()),  # PNG of the generated image
         ("after", pa.binary()),  # PNG of the enhanced image; null on error rows
         ("enhance_prompt", pa.string()),  # the global prompt used for enhancement

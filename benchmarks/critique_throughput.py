@@ -27,9 +27,9 @@ from PIL import Image  # noqa: E402
 
 from artaug.cluster import init_ray  # noqa: E402
 from artaug.config import RayConfig, load_config  # noqa: E402
-from artaug.critique.images import data_url  # noqa: E402
 from artaug.critique.template import instruction  # noqa: E402
 from artaug.critique.vllm_backend import vllm_critique  # noqa: E402
+from artaug.images import data_url  # noqa: E402
 from artaug.stages.critique import PREPARED, critic_model  # noqa: E402
 
 

@@ -13,8 +13,8 @@ import pytest
 from artaug import schema, storage
 from artaug.cli import main as cli
 from artaug.critique.heuristic import heuristic_critique
-from artaug.critique.images import decode_image
 from artaug.critique.schema import critique_schema
+from artaug.images import decode_image
 from artaug.stages.critique import critic_model, critique
 from artaug.stages.generate import read_stage
 from tests.conftest import tiny_config

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from artaug.critique.heuristic import heuristic_critique, image_statistics
-from artaug.critique.images import BadImageError, decode_image
 from artaug.critique.schema import (
     CritiqueError,
     critique_schema,
@@ -17,6 +16,7 @@ from artaug.critique.schema import (
     qwen25_resized_size,
 )
 from artaug.critique.template import TEMPLATE_VERSION, instruction
+from artaug.images import BadImageError, decode_image
 
 GOOD = {
     "assessment": "Pleasant but dim.",

@@ -21,8 +21,8 @@ from artaug import schema, storage
 from artaug.cluster import init_ray
 from artaug.config import CritiqueConfig, RunConfig
 from artaug.critique.answers import ANSWER, answer_row
-from artaug.critique.images import BadImageError, data_url, decode_image, fit
 from artaug.critique.schema import CritiqueError, has_suggestions, parse_critique, qwen25_resized_size
+from artaug.images import BadImageError, data_url, decode_image, fit
 from artaug.stages.generate import StageDoneError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def prepare(batch: pa.Table, cfg: CritiqueConfig) -> pa.Table:
 
 def heuristic_answers(batch: pa.Table) -> pa.Table:
     from artaug.critique.heuristic import heuristic_critique
-    from artaug.critique.images import decode_data_url
+    from artaug.images import decode_data_url
 
     out = []
     for row in batch.to_pylist():

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import time
-from itertools import groupby
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,7 +29,9 @@ from artaug import schema, storage
 from artaug.cluster import cluster_has_gpus, init_ray
 from artaug.config import RunConfig
 from artaug.flux_loop import Job, Region, sample
+from artaug.images import png_bytes
 from artaug.photometric import apply_adjustments
+from artaug.stages.batching import run_in_groups
 from artaug.stages.generate import StageDoneError, read_stage
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,6 @@ class EnhanceInputError(ValueError):
 
 def key(row: dict) -> str:
     return f"{row['prompt_id']}|{row['seed']}|{row['round']}"
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class Enhancer:
@@ -70,11 +65,7 @@ class Enhancer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pairs = [self._plan(row) for row in batch.to_pylist()]
-        work = sorted((p for p in pairs if p.pop("_work", False)), key=_settings)
-        done = {}
-        for _, group in groupby(work, key=_settings):
-            for pair in self._enhance_group(list(group)):
-                done[pair["prompt_id"]] = pair
+        done = run_in_groups([p for p in pairs if p.pop("_work", False)], self._run)
         out = [done.get(p["prompt_id"], p) for p in pairs]
         for pair in out:
             pair.pop("_regions", None)
@@ -118,16 +109,7 @@ class Enhancer:
         after, applied = apply_adjustments(image, critique["adjustments"], self.e.photometric_step)
         if not applied:
             return self._unchanged(pair)
-        return {**pair, "after": _png(after), "seconds": time.perf_counter() - start}
-
-    def _enhance_group(self, pairs: list[dict]) -> list[dict]:
-        try:
-            return self._run(pairs)
-        except Exception as err:  # noqa: BLE001 - isolate the failing row below
-            if len(pairs) == 1:
-                log.warning("enhancing %s failed: %s", pairs[0]["prompt_id"], err)
-                return [{**pairs[0], "error": f"{type(err).__name__}: {err}"}]
-            return [out for pair in pairs for out in self._enhance_group([pair])]
+        return {**pair, "after": png_bytes(after), "seconds": time.perf_counter() - start}
 
     def _run(self, pairs: list[dict]) -> list[dict]:
         first, start = pairs[0], time.perf_counter()
@@ -153,11 +135,7 @@ class Enhancer:
                 **size,
             ).images
         share = (time.perf_counter() - start) / len(pairs)
-        return [{**p, "after": _png(im), "seconds": share} for p, im in zip(pairs, images, strict=True)]
-
-
-def _settings(pair: dict) -> tuple:
-    return (pair["width"], pair["height"], pair["steps"], pair["guidance"])
+        return [{**p, "after": png_bytes(im), "seconds": share} for p, im in zip(pairs, images, strict=True)]
 
 
 def load_critiques(critique_dir: str) -> dict[str, str | None]:

@@ -10,10 +10,8 @@ A row whose generation raises becomes an error row; the others finish.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-from itertools import groupby
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,8 +22,10 @@ from artaug import schema, storage
 from artaug.cluster import cluster_has_gpus, init_ray
 from artaug.config import RunConfig
 from artaug.flux_loop import Job, sample
+from artaug.images import png_bytes
 from artaug.models.synthesis import check_source, load_pipeline
 from artaug.prompts import PER_ROW_SETTINGS, PromptSet
+from artaug.stages.batching import run_in_groups
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,8 @@ class FluxGenerator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._settle(row) for row in batch.to_pylist()]
-        out = [row for row in rows if row["error"]]
-        ready = sorted((r for r in rows if not r["error"]), key=_settings_key)
-        for _, group in groupby(ready, key=_settings_key):
-            out += self._generate_group(list(group))
-        by_id = {row["prompt_id"]: row for row in out}
-        ordered = [by_id[row["prompt_id"]] for row in rows]
+        done = run_in_groups([row for row in rows if not row["error"]], self._run)
+        ordered = [done.get(row["prompt_id"], row) for row in rows]
         return pa.Table.from_pylist(ordered, schema=schema.GENERATE)
 
     def _settle(self, row: dict) -> dict:
@@ -73,15 +69,6 @@ class FluxGenerator:
         settled["error"] = _row_problem(settled, g.max_side)
         return settled
 
-    def _generate_group(self, rows: list[dict]) -> list[dict]:
-        try:
-            return self._run(rows)
-        except Exception as err:  # noqa: BLE001 - isolate the failing row below
-            if len(rows) == 1:
-                log.warning("prompt %s failed: %s", rows[0]["prompt_id"], err)
-                return [{**rows[0], "error": f"{type(err).__name__}: {err}"}]
-            return [out for row in rows for out in self._generate_group([row])]
-
     def _run(self, rows: list[dict]) -> list[dict]:
         first = rows[0]
         start = time.perf_counter()
@@ -96,7 +83,7 @@ class FluxGenerator:
         )
         share = (time.perf_counter() - start) / len(rows)
         return [
-            {**row, "image": _png(image), "seconds": share, "warning": self._truncation(row)}
+            {**row, "image": png_bytes(image), "seconds": share, "warning": self._truncation(row)}
             for row, image in zip(rows, images, strict=True)
         ]
 
@@ -117,10 +104,6 @@ class FluxGenerator:
         return "prompt truncated: " + "; ".join(notes)
 
 
-def _settings_key(row: dict) -> tuple:
-    return (row["width"], row["height"], row["steps"], row["guidance"])
-
-
 def _row_problem(row: dict, max_side: int) -> str | None:
     for side in ("width", "height"):
         value = row[side]
@@ -133,12 +116,6 @@ def _row_problem(row: dict, max_side: int) -> str | None:
     if not 0 <= row["seed"] < 2**63:
         return f"seed {row['seed']} must be in [0, 2**63)"
     return None
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _as_rows(prompts: PromptSet) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Decode and check images before any critic sees them, so one bad image cannot stop a dataset."""
+"""Image bytes in and out: PNG encoding, and decoding that checks an image before any model sees it
+(so one bad image cannot stop a dataset)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,14 @@ def fit(image: Image.Image, max_side: int) -> Image.Image:
 
 
 def data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def decode_data_url(url: str) -> Image.Image:
     return decode_image(base64.b64decode(url.split(",", 1)[1]))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
