@@ -248,7 +248,6 @@ def test_client_that_disconnects_stops_its_work(served):
     after = wait_for(
         lambda: (s := stats(handle))["cancelled_calls"] > before["cancelled_calls"] and s, "the cancellation"
     )
-    assert not after["busy"]
     assert after["steps"] - before["steps"] < SLOW_STEPS
     time.sleep(0.5)
     assert stats(handle)["steps"] == after["steps"], "steps still run after the cancellation"
@@ -273,11 +272,12 @@ def test_shutdown_finishes_in_flight_requests_then_closes(served):
 
     url, _, handle = served
     results = {}
+    before = stats(handle)["steps"]
     thread = threading.Thread(
-        target=lambda: results.setdefault("answer", post(url, {"prompt": "last light", "steps": 40}))
+        target=lambda: results.setdefault("answer", post(url, {"prompt": "last light", "steps": 200}))
     )
     thread.start()
-    wait_for(lambda: stats(handle)["busy"], "the request to start")
+    wait_for(lambda: stats(handle)["steps"] > before, "the request to start")
     serve.delete(APP)
     thread.join(120)
     assert results["answer"].status_code == 200
