@@ -120,7 +120,7 @@ class ServeConfig:
     """Seconds a client is told to wait (Retry-After) when the queue is full."""
     max_batch_size: int = 4
     """Most images per batched pipeline call (same size, steps and guidance); 1 turns batching off."""
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.005
     """Longest wait for more requests to fill a batch, in seconds."""
     request_timeout_s: float = 120.0
     """Longest a request may take, queueing included; a request may ask for less (`timeout`). Then 504."""

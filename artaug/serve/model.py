@@ -1,6 +1,7 @@
 """The model deployment: each replica holds one fused FLUX pipeline and generates batched images.
 
-Every request is split into its n images; `@serve.batch` gathers images from concurrent requests,
+Every request is split into its n images; `@serve.batch` gathers images from concurrent requests
+(those that arrive while the pipeline is busy wait for it and then form the next batch together),
 and images with the same size, steps and guidance share one pipeline call (in arrival order, one
 torch.Generator per image, exactly as the generate stage does), so a served image equals the
 in-process pipeline's image for the same prompt, seed and batch composition.
@@ -72,6 +73,11 @@ class FluxModel:
         # Fused and unloaded: no LoRA layer may remain (inference costs what the base model costs).
         lora_layers = [n for n, _ in self.pipe.transformer.named_parameters() if "lora" in n]
         self.counters = Counters(lora_layers=len(lora_layers))
+        # Serve forms a batch from what arrives within batch_wait_timeout_s of its first request, even
+        # while the previous batch still runs. New requests wait here until the pipeline is free, so
+        # everything that queued up meanwhile arrives at once and fills the next batch.
+        self._pipeline_free = asyncio.Event()
+        self._pipeline_free.set()
         self._images.set_max_batch_size(cfg.serve.max_batch_size)
         self._images.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         log.info("model replica ready: %s with %d LoRA(s) fused", cfg.model.source, len(cfg.model.loras))
@@ -81,6 +87,7 @@ class FluxModel:
         self.counters.requests += 1
         tasks = [ImageTask(job.prompt, job.seed + i, job.settings()) for i in range(job.n)]
         try:
+            await self._pipeline_free.wait()
             return list(await asyncio.gather(*(self._images(task) for task in tasks)))
         except asyncio.CancelledError:
             for task in tasks:
@@ -102,11 +109,15 @@ class FluxModel:
         for index, task in enumerate(tasks):
             groups.setdefault(task.settings, []).append(index)
         loop = asyncio.get_running_loop()
-        for settings, indexes in groups.items():
-            group = [tasks[i] for i in indexes]
-            # Cancelled requests' futures are already done; their images are simply not needed.
-            images = await loop.run_in_executor(self.worker, self._run, group, settings)
-            results.update(zip(indexes, images, strict=True))
+        self._pipeline_free.clear()
+        try:
+            for settings, indexes in groups.items():
+                group = [tasks[i] for i in indexes]
+                # Cancelled requests' futures are already done; their images are simply not needed.
+                images = await loop.run_in_executor(self.worker, self._run, group, settings)
+                results.update(zip(indexes, images, strict=True))
+        finally:
+            self._pipeline_free.set()
         return [results[i] for i in range(len(tasks))]
 
     def _run(self, group: list[ImageTask], settings: tuple) -> list[dict | None]:
