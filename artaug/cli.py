@@ -83,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     tiny_vlm.add_argument("--seed", type=int, default=0, help="weights seed")
     tiny_vlm.set_defaults(func=cmd_build_tiny_vlm)
 
+    srv = commands.add_parser(
+        "serve", help="serve a run's enhanced model over HTTP (POST /v1/images/generations)"
+    )
+    srv.add_argument("run_dir", nargs="?", help="run directory: its run.yaml and lora/combined.safetensors")
+    srv.add_argument("--lora", help="a LoRA .safetensors file to fuse instead (without RUN_DIR)")
+    srv.add_argument("--host", help="address to bind (default serve.host: 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="HTTP port (default serve.port: 8000)")
+    _config_options(srv)
+    srv.set_defaults(func=cmd_serve)
+
     config = commands.add_parser("config", help="show the resolved configuration or its fields")
     config_sub = config.add_subparsers(title="config commands", required=True, metavar="COMMAND")
     show = config_sub.add_parser("show", help="print the resolved config as YAML")
@@ -234,6 +244,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Runs until interrupted (Ctrl-C or SIGTERM); without RUN_DIR or --lora, serves the base model."""
+    from artaug.serve.launch import resolve_config, serve_locally
+
+    overrides = list(args.overrides)
+    overrides += [f"serve.host={args.host}"] if args.host else []
+    overrides += [f"serve.port={args.port}"] if args.port is not None else []
+    cfg = resolve_config(
+        run_dir=args.run_dir, lora=args.lora, preset=args.preset, config_path=args.config, overrides=overrides
+    )
+    serve_locally(cfg)
+    return 0
+
+
 def _generate_into(cfg: RunConfig, prompts, out: str, round_index: int, overwrite: bool) -> dict:
     from artaug.preview import write_contact_sheet
     from artaug.stages.generate import generate, read_stage
@@ -260,13 +284,14 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     from artaug.critique.server import CriticServerError
     from artaug.models.synthesis import ModelSourceError
     from artaug.prompts import PromptFileError
+    from artaug.serve.launch import ServeSetupError
     from artaug.stages.critique import CritiqueInputError
     from artaug.stages.enhance import EnhanceInputError
     from artaug.stages.generate import StageDoneError
 
     return (
         ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError,
-        EnhanceInputError,
+        EnhanceInputError, ServeSetupError,
     )  # fmt: skip
 
 

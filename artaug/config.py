@@ -185,6 +185,113 @@ class CritiqueConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to (127.0.0.1: this machine only; 0.0.0.0 only behind a firewall)."""
+    port: int = 8000
+    """HTTP port of `artaug serve`."""
+    app_name: str = "artaug"
+    """Ray Serve application name (one fused model per application)."""
+    model_name: str = "artaug"
+    """Model id clients pass as `model` and GET /v1/models lists; requests naming another are refused."""
+    gpus_per_replica: float = -1.0
+    """GPUs per model replica; -1 means 1 when the cluster has GPUs, else 0."""
+    cpus_per_replica: float = 1.0
+    """CPUs Ray reserves per model replica."""
+    torch_threads: int = 1
+    """torch intra-op threads per model replica."""
+    min_replicas: int = 1
+    """Fewest model replicas the autoscaler keeps."""
+    max_replicas: int = 1
+    """Most model replicas the autoscaler starts."""
+    target_ongoing_requests: float = 2.0
+    """Ongoing requests per replica the autoscaler aims for."""
+    max_ongoing_requests: int = 8
+    """Requests one model replica works on or batches at once (at least max_batch_size)."""
+    max_queued_requests: int = 32
+    """Requests waiting for a replica; beyond this the server answers 503 with Retry-After."""
+    retry_after_s: int = 1
+    """Seconds a client is told to wait (Retry-After) when the queue is full."""
+    max_batch_size: int = 4
+    """Most images per batched pipeline call (same size, steps and guidance); 1 turns batching off."""
+    batch_wait_timeout_s: float = 0.005
+    """Longest wait for more requests to fill a batch, in seconds."""
+    request_timeout_s: float = 120.0
+    """Longest a request may take, queueing included; a request may ask for less (`timeout`). Then 504."""
+    max_side: int = 1024
+    """Largest width or height a request may ask for, in pixels (a multiple of 16)."""
+    max_n: int = 4
+    """Most images one request may ask for."""
+    max_steps: int = 50
+    """Most denoising steps a request may ask for."""
+    max_prompt_chars: int = 2000
+    """Longest prompt accepted, in characters."""
+
+    def validate(self) -> None:
+        _check(bool(self.host.strip()), "serve.host", self.host, "must not be empty")
+        _check(1 <= self.port <= 65535, "serve.port", self.port, "must be in [1, 65535]")
+        for name in ("app_name", "model_name"):
+            value = getattr(self, name)
+            _check(bool(value.strip()), f"serve.{name}", value, "must not be empty")
+        _check(
+            self.gpus_per_replica == -1 or self.gpus_per_replica >= 0,
+            "serve.gpus_per_replica",
+            self.gpus_per_replica,
+            "must be -1 (auto) or >= 0",
+        )
+        _check(self.cpus_per_replica > 0, "serve.cpus_per_replica", self.cpus_per_replica, "must be > 0")
+        _check(self.torch_threads >= 1, "serve.torch_threads", self.torch_threads, "must be >= 1")
+        _check(self.min_replicas >= 0, "serve.min_replicas", self.min_replicas, "must be >= 0")
+        _check(
+            self.max_replicas >= max(1, self.min_replicas),
+            "serve.max_replicas",
+            self.max_replicas,
+            f"must be >= 1 and >= serve.min_replicas ({self.min_replicas})",
+        )
+        _check(
+            self.target_ongoing_requests > 0,
+            "serve.target_ongoing_requests",
+            self.target_ongoing_requests,
+            "must be > 0",
+        )
+        _check(self.max_batch_size >= 1, "serve.max_batch_size", self.max_batch_size, "must be >= 1")
+        _check(
+            self.max_ongoing_requests >= self.max_batch_size,
+            "serve.max_ongoing_requests",
+            self.max_ongoing_requests,
+            f"must be >= serve.max_batch_size ({self.max_batch_size}) or batches never fill",
+        )
+        _check(
+            self.max_queued_requests >= 0,
+            "serve.max_queued_requests",
+            self.max_queued_requests,
+            "must be >= 0 (an unbounded queue is not offered)",
+        )
+        _check(self.retry_after_s >= 0, "serve.retry_after_s", self.retry_after_s, "must be >= 0")
+        _check(
+            self.batch_wait_timeout_s >= 0,
+            "serve.batch_wait_timeout_s",
+            self.batch_wait_timeout_s,
+            "must be >= 0",
+        )
+        _check(self.request_timeout_s > 0, "serve.request_timeout_s", self.request_timeout_s, "must be > 0")
+        _check(
+            self.max_side >= 16 and self.max_side % 16 == 0,
+            "serve.max_side",
+            self.max_side,
+            "must be a positive multiple of 16",
+        )
+        _check(self.max_n >= 1, "serve.max_n", self.max_n, "must be >= 1")
+        _check(self.max_steps >= 1, "serve.max_steps", self.max_steps, "must be >= 1")
+        _check(
+            1 <= self.max_prompt_chars <= 100_000,
+            "serve.max_prompt_chars",
+            self.max_prompt_chars,
+            "must be in [1, 100000] (request bodies are capped at 1 MiB)",
+        )
+
+
+@dataclass
 class EnhanceConfig:
     mode: str = "regional"
     """How suggestions become an enhanced image: "regional", "img2img" or "photometric"."""
@@ -236,6 +343,8 @@ class RunConfig:
     """Critique stage settings (the understanding model)."""
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
     """Enhance stage settings (the interaction algorithm); its actor pool uses generate's settings."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """HTTP serving (`artaug serve`) settings."""
 
     def validate(self) -> RunConfig:
         """Check every value; raises ConfigError naming the first bad field."""
@@ -283,6 +392,7 @@ class RunConfig:
         self.enhance.validate()
         _check(r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1")
         _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
+        self.serve.validate()
         return self
 
 

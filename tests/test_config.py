@@ -10,6 +10,7 @@ from artaug.config import (
     ModelConfig,
     RayConfig,
     RunConfig,
+    ServeConfig,
     describe,
     field_docs,
     load_config,
@@ -19,7 +20,7 @@ from artaug.config import (
 
 
 def test_every_field_has_a_default_and_a_docstring():
-    for cls in (RunConfig, RayConfig, ModelConfig, GenerateConfig):
+    for cls in (RunConfig, RayConfig, ModelConfig, GenerateConfig, ServeConfig):
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
@@ -47,6 +48,7 @@ def test_flux_dev_preset():
     assert (cfg.generate.width, cfg.generate.height) == (1024, 1024)
     assert cfg.generate.steps == 28 and cfg.generate.guidance == 3.5
     assert cfg.generate.gpus_per_actor == 1
+    assert cfg.serve.gpus_per_replica == 1 and cfg.serve.host == "127.0.0.1"
 
 
 def test_file_then_overrides(tmp_path):
@@ -84,6 +86,11 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("model.max_sequence_length=600", "model.max_sequence_length"),
         ("ray.include_dashboard=maybe", "expected true or false"),
         ("generate.steps", "expected section.field=value"),
+        ("serve.port=0", "serve.port: 0 must be in [1, 65535]"),
+        ("serve.max_side=100", "serve.max_side"),
+        ("serve.max_replicas=0", "serve.max_replicas"),
+        ("serve.max_queued_requests=-1", "an unbounded queue is not offered"),
+        ("serve.max_ongoing_requests=2", "must be >= serve.max_batch_size"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_named(override, message):

@@ -1,0 +1,174 @@
+"""The HTTP API's request and response shapes, and the checks every request passes.
+
+The shape follows OpenAI's Images API (`POST /v1/images/generations`: prompt, n, size "WxH",
+response_format b64_json) with `seed`, `steps`, `guidance` and `timeout` as extensions. Types are
+checked strictly by pydantic (no "4" for 4); bounds come from `ServeConfig` and are checked by
+`settle`, which turns a request into the jobs the model replica runs. Every problem is a
+`RequestError` with a status below 500 and a message naming the field.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+from artaug.config import RunConfig
+
+SEED_LIMIT = 2**63
+SIZE_PATTERN = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+class RequestError(Exception):
+    """A request the server will not run; answered with `status` (4xx) and an OpenAI-style error body."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param)
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class ImageRequest(BaseModel):
+    """Body of POST /v1/images/generations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr = Field(description="What to draw.")
+    model: StrictStr | None = Field(None, description="The served model's id (GET /v1/models); optional.")
+    n: StrictInt = Field(1, description="Images to generate; image i uses seed + i.")
+    size: StrictStr | None = Field(None, description='"WIDTHxHEIGHT", each a multiple of 16.')
+    response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json (PNG) is offered.")
+    seed: StrictInt | None = Field(None, description="Extension: seed of the first image; random if omitted.")
+    steps: StrictInt | None = Field(None, description="Extension: denoising steps.")
+    guidance: StrictFloat | StrictInt | None = Field(None, description="Extension: guidance scale.")
+    timeout: StrictFloat | StrictInt | None = Field(
+        None, description="Extension: seconds this request may take (at most the server's limit)."
+    )
+    user: StrictStr | None = Field(None, description="Accepted for OpenAI compatibility; unused.")
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(description="The image as base64-encoded PNG.")
+    seed: int = Field(description="Extension: the seed that made this image.")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time the response was made.")
+    data: list[ImageData]
+    model: str
+    size: str
+    steps: int
+    guidance: float
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "artaug"
+    base: str = Field(description="The base model the LoRAs were fused into.")
+    loras: list[str] = Field(description="File names of the LoRAs fused into the weights, in order.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One request as the model replica sees it: settled values only."""
+
+    prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+
+    def settings(self) -> tuple:
+        """Requests with equal settings can share one batched pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance)
+
+
+def settle(request: ImageRequest, cfg: RunConfig) -> tuple[ImageJob, float]:
+    """The job to run and its timeout, or a RequestError naming the first bad field."""
+    s, g = cfg.serve, cfg.generate
+    if request.model is not None and request.model != s.model_name:
+        raise RequestError(
+            404,
+            f"model {request.model!r} is not served here; GET /v1/models lists {s.model_name!r}",
+            "model",
+            "model_not_found",
+        )
+    if not request.prompt.strip():
+        raise RequestError(400, "prompt must not be empty", "prompt")
+    if len(request.prompt) > s.max_prompt_chars:
+        raise RequestError(
+            400, f"prompt has {len(request.prompt)} characters; the limit is {s.max_prompt_chars}", "prompt"
+        )
+    if not 1 <= request.n <= s.max_n:
+        raise RequestError(400, f"n must be between 1 and {s.max_n}, got {request.n}", "n")
+    width, height = _size(request.size, s.max_side) if request.size is not None else (g.width, g.height)
+    steps = g.steps if request.steps is None else request.steps
+    if not 1 <= steps <= s.max_steps:
+        raise RequestError(400, f"steps must be between 1 and {s.max_steps}, got {steps}", "steps")
+    guidance = float(g.guidance if request.guidance is None else request.guidance)
+    if not 0 <= guidance <= 100:
+        raise RequestError(400, f"guidance must be between 0 and 100, got {guidance}", "guidance")
+    seed = random.randrange(2**31) if request.seed is None else request.seed
+    if not 0 <= seed <= SEED_LIMIT - request.n:
+        raise RequestError(400, f"seed must be in [0, 2**63 - n], got {seed}", "seed")
+    timeout = s.request_timeout_s
+    if request.timeout is not None:
+        if not 0 < request.timeout <= s.request_timeout_s:
+            raise RequestError(
+                400,
+                f"timeout must be in (0, {s.request_timeout_s}] seconds, got {request.timeout}",
+                "timeout",
+            )
+        timeout = float(request.timeout)
+    job = ImageJob(request.prompt, request.n, width, height, steps, guidance, seed)
+    return job, timeout
+
+
+def _size(size: str, max_side: int) -> tuple[int, int]:
+    match = SIZE_PATTERN.fullmatch(size)
+    if not match:
+        raise RequestError(400, f'size must look like "512x512" (WIDTHxHEIGHT), got {size!r}', "size")
+    width, height = int(match[1]), int(match[2])
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 16:
+            raise RequestError(400, f"size: {name} {value} is not a positive multiple of 16", "size")
+        if value > max_side:
+            raise RequestError(400, f"size: {name} {value} is above the limit of {max_side}", "size")
+    return width, height
+
+
+def describe_validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """One clear sentence (and the field) for pydantic's first complaint about a body."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return "the body is not valid JSON", None
+    if kind == "missing":
+        return f"{field} is required", field
+    if kind == "extra_forbidden":
+        return f"{field} is not a known field", field
+    if kind == "model_attributes_type" or (field is None and "dict" in kind):
+        return "the body must be a JSON object", None
+    return f"{field}: {first.get('msg', 'invalid value')}", field

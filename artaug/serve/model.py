@@ -1,0 +1,176 @@
+"""The model deployment: each replica holds one fused FLUX pipeline and generates batched images.
+
+Every request is split into its n images; `@serve.batch` gathers images from concurrent requests
+(those that arrive while the pipeline is busy wait for it and then form the next batch together),
+and images with the same size, steps and guidance share one pipeline call (in arrival order, one
+torch.Generator per image, exactly as the generate stage does), so a served image equals the
+in-process pipeline's image for the same prompt, seed and batch composition.
+
+The pipeline runs on one worker thread so the replica's event loop stays free to hear about
+cancellations. When every image of a pipeline call has been cancelled (the client disconnected or
+its timeout passed), the step callback stops the denoising loop before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from ray import serve
+
+from artaug.config import RunConfig
+from artaug.models.synthesis import load_pipeline
+from artaug.serve.api import ImageJob
+
+log = logging.getLogger(__name__)
+
+
+class GenerationCancelled(Exception):
+    """Raised inside the denoising loop once nobody waits for the images any more."""
+
+
+@dataclass
+class ImageTask:
+    """One image of a request, as it travels through the batch queue."""
+
+    prompt: str
+    seed: int
+    settings: tuple
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Counters:
+    """What the replica has done, for tests, benchmarks and operators (`FluxModel.stats`)."""
+
+    requests: int = 0
+    images: int = 0
+    calls: int = 0
+    steps: int = 0
+    cancelled_calls: int = 0
+    largest_call: int = 0
+    busy: bool = False
+    lora_layers: int = 0
+    call_sizes: dict = field(default_factory=dict)
+
+
+class FluxModel:
+    """Serve deployment class; `artaug.serve.app` sets its options (resources, autoscaling, queues)."""
+
+    def __init__(self, cfg: RunConfig):
+        torch.set_num_threads(cfg.serve.torch_threads)
+        self.cfg = cfg
+        self.pipe = load_pipeline(cfg.model)
+        # One thread: the pipeline object keeps per-call state, so calls must not overlap.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux")
+        # Fused and unloaded: no LoRA layer may remain (inference costs what the base model costs).
+        lora_layers = [n for n, _ in self.pipe.transformer.named_parameters() if "lora" in n]
+        self.counters = Counters(lora_layers=len(lora_layers))
+        # Serve forms a batch from what arrives within batch_wait_timeout_s of its first request, even
+        # while the previous batch still runs. New requests wait here until the pipeline is free, so
+        # everything that queued up meanwhile arrives at once and fills the next batch.
+        self._pipeline_free = asyncio.Event()
+        self._pipeline_free.set()
+        self._images.set_max_batch_size(cfg.serve.max_batch_size)
+        self._images.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        log.info("model replica ready: %s with %d LoRA(s) fused", cfg.model.source, len(cfg.model.loras))
+
+    async def generate(self, job: ImageJob) -> list[dict]:
+        """The request's n images as {"b64_json": PNG base64, "seed": int}, in seed order."""
+        self.counters.requests += 1
+        tasks = [ImageTask(job.prompt, job.seed + i, job.settings()) for i in range(job.n)]
+        try:
+            await self._pipeline_free.wait()
+            return list(await asyncio.gather(*(self._images(task) for task in tasks)))
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancelled.set()
+            raise
+
+    def stats(self) -> dict:
+        c = self.counters
+        return {**c.__dict__, "call_sizes": dict(c.call_sizes)}
+
+    def ready(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _images(self, tasks: list[ImageTask]) -> list[dict | None]:
+        """One batch from the queue: a pipeline call per group of equal settings, in arrival order."""
+        results: dict[int, dict | None] = {}
+        groups: dict[tuple, list[int]] = {}
+        for index, task in enumerate(tasks):
+            groups.setdefault(task.settings, []).append(index)
+        loop = asyncio.get_running_loop()
+        self._pipeline_free.clear()
+        try:
+            for settings, indexes in groups.items():
+                group = [tasks[i] for i in indexes]
+                # Cancelled requests' futures are already done; their images are simply not needed.
+                images = await loop.run_in_executor(self.worker, self._run, group, settings)
+                results.update(zip(indexes, images, strict=True))
+        finally:
+            self._pipeline_free.set()
+        return [results[i] for i in range(len(tasks))]
+
+    def _run(self, group: list[ImageTask], settings: tuple) -> list[dict | None]:
+        """Runs on the worker thread: one pipeline call, stopped between steps once all are cancelled."""
+        width, height, steps, guidance = settings
+        c = self.counters
+        if all(task.cancelled.is_set() for task in group):
+            return [None] * len(group)
+
+        done = [0]
+
+        def between_steps(pipe, step, timestep, tensors):
+            c.steps += 1
+            done[0] += 1
+            if all(task.cancelled.is_set() for task in group):
+                raise GenerationCancelled
+            return tensors
+
+        c.busy = True
+        c.calls += 1
+        c.largest_call = max(c.largest_call, len(group))
+        c.call_sizes[len(group)] = c.call_sizes.get(len(group), 0) + 1
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                images = self.pipe(
+                    prompt=[task.prompt for task in group],
+                    width=width,
+                    height=height,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=[torch.Generator("cpu").manual_seed(task.seed) for task in group],
+                    max_sequence_length=self.cfg.model.max_sequence_length,
+                    output_type="pil",
+                    callback_on_step_end=between_steps,
+                ).images
+        except GenerationCancelled:
+            c.cancelled_calls += 1
+            log.info(
+                "cancelled: stopped a call of %d image(s) after %d of %d steps", len(group), done[0], steps
+            )
+            return [None] * len(group)
+        finally:
+            c.busy = False
+        c.images += len(group)
+        log.debug("%d image(s) %dx%d in %.3f s", len(group), width, height, time.perf_counter() - start)
+        return [
+            {"b64_json": _b64_png(image), "seed": task.seed}
+            for task, image in zip(group, images, strict=True)
+        ]
+
+
+def _b64_png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

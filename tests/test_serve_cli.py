@@ -1,0 +1,182 @@
+"""`artaug serve`: what it serves, how it refuses bad input, the deploy manifests, and a real run.
+
+Runs after tests/test_serve.py has shut its Serve instance down: the end-to-end test starts
+`artaug serve` as its own process, joined to the session's Ray, and stops it with SIGINT.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from artaug.cli import main as cli
+from artaug.config import to_yaml
+from artaug.models.synthesis import load_pipeline
+from artaug.serve.launch import COMBINED_LORA, ServeSetupError, resolve_config
+from tests.conftest import _free_port, tiny_config
+from tests.test_models import make_lora
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_dir) -> Path:
+    """A finished run as `artaug run` leaves it: run.yaml and the combined LoRA."""
+    path = tmp_path_factory.mktemp("run")
+    (path / "run.yaml").write_text(to_yaml(tiny_config(**{"model.source": tiny_dir, "name": "demo"})))
+    lora = make_lora(tmp_path_factory.mktemp("lora-src"), seed=2)
+    (path / "lora").mkdir()
+    shutil.copy(lora, path / COMBINED_LORA)
+    return path
+
+
+def test_a_run_directory_serves_its_combined_lora(run_dir, tiny_dir):
+    cfg = resolve_config(run_dir=str(run_dir), overrides=["serve.port=9123"])
+    assert cfg.name == "demo" and cfg.model.source == tiny_dir
+    assert cfg.model.loras == [str(run_dir / COMBINED_LORA)]
+    assert cfg.serve.port == 9123 and cfg.serve.host == "127.0.0.1"
+
+
+def test_a_run_without_a_combined_lora_serves_the_base_model(tmp_path, tiny_dir, caplog):
+    (tmp_path / "run.yaml").write_text(to_yaml(tiny_config(**{"model.source": tiny_dir})))
+    with caplog.at_level(logging.WARNING):
+        cfg = resolve_config(run_dir=str(tmp_path))
+    assert cfg.model.loras == []
+    assert "serving the base model" in caplog.text
+
+
+def test_explicit_lora_and_base_model(tmp_path, tiny_dir):
+    lora = make_lora(tmp_path, seed=3)
+    cfg = resolve_config(lora=lora, overrides=[f"model.source={tiny_dir}"])
+    assert cfg.model.loras == [lora]
+    assert resolve_config().model.loras == []  # nothing given: the preset's base model
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"run_dir": "/nonexistent/run"}, "is not a run directory"),
+        ({"lora": "/nonexistent/x.safetensors"}, "does not exist"),
+        ({"run_dir": "r", "lora": "x.safetensors"}, "not both"),
+        ({"run_dir": "r", "config_path": "c.yaml"}, "not both"),
+    ],
+)
+def test_bad_sources_are_refused(kwargs, message):
+    with pytest.raises(ServeSetupError, match=message):
+        resolve_config(**kwargs)
+
+
+def test_only_safetensors_are_loaded(tmp_path, capsys):
+    pickled = tmp_path / "adapter.bin"
+    pickled.write_bytes(b"not loaded")
+    with pytest.raises(ServeSetupError, match="only safetensors"):
+        resolve_config(lora=str(pickled))
+    # The command line says so in one line, exit code 2, before Ray starts.
+    assert cli(["serve", "--lora", str(pickled)]) == 2
+    assert "only safetensors are loaded" in capsys.readouterr().err
+    assert cli(["serve", "--set", "serve.max_ongoing_requests=2"]) == 2  # below max_batch_size
+    assert "serve.max_ongoing_requests" in capsys.readouterr().err
+
+
+def test_serve_config_passes_rays_own_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from artaug.serve.app import app_builder
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text()))
+    (app,) = config.applications
+    module, _, name = app.import_path.partition(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is app_builder
+    assert set(app.args) <= {"run_dir", "lora", "preset", "config", "set"}
+    assert config.http_options.host == "127.0.0.1"
+
+
+def test_rayservice_runs_the_same_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((ROOT / "clusters" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    deploy_config = ServeDeploySchema.model_validate(
+        yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    )
+    assert serve_config.applications == deploy_config.applications
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == "2.60.0"
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert 8000 in [port["containerPort"] for port in head["ports"]]
+    (gpu_group,) = cluster["workerGroupSpecs"]
+    worker = gpu_group["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu_group["maxReplicas"] >= 1
+
+
+def test_app_builder_rejects_unknown_args():
+    from artaug.serve.app import app_builder
+
+    with pytest.raises(ValueError, match="unknown application args"):
+        app_builder({"run_dir": "r", "adapter_path": "/etc/passwd"})
+
+
+def test_artaug_serve_answers_with_the_runs_fused_model_and_stops_cleanly(ray_local, run_dir):
+    """`artaug serve RUN_DIR` as a separate process on the session's Ray, stopped by Ctrl-C."""
+    port = _free_port()
+    address = ray_local.get_runtime_context().gcs_address
+    server = subprocess.Popen(
+        [sys.executable, "-m", "artaug.cli", "serve", str(run_dir), "--port", str(port)]
+        + ["--set", f"ray.address={address}", "--set", "serve.app_name=cli-test"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        banner = server.stdout.readline()
+        while banner and "serving" not in banner:
+            banner = server.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1/images/generations" in banner, banner
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/v1/images/generations",
+            json={"prompt": "a red kite over the sea", "seed": 5},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"]))))
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, output
+    assert "stopped" in output
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    left = [a for a in ray_local.util.list_named_actors(all_namespaces=True) if "SERVE" in a["name"]]
+    assert not left, left
+
+    cfg = resolve_config(run_dir=str(run_dir))
+    pipe = load_pipeline(cfg.model)
+    with torch.inference_mode():
+        (expected,) = pipe(
+            prompt=["a red kite over the sea"],
+            width=64,
+            height=64,
+            num_inference_steps=cfg.generate.steps,
+            guidance_scale=cfg.generate.guidance,
+            generator=[torch.Generator("cpu").manual_seed(5)],
+            max_sequence_length=cfg.model.max_sequence_length,
+            output_type="pil",
+        ).images
+    np.testing.assert_array_equal(served[..., :3], np.asarray(expected.convert("RGB")))
