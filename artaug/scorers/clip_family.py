@@ -53,13 +53,13 @@ class ClipBackbone:
         self.device = device
         self.max_tokens = min(self.model.config.text_config.max_position_embeddings, 77)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         features = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device)))
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
@@ -87,7 +87,7 @@ class LaionAesthetic(Scorer):
         )
         self.head = head.to(device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score(self, images, prompts) -> dict[str, np.ndarray]:
         return {"laion_aesthetic": to_numpy(self.head(self.backbone.image_embeddings(images)))}
 

@@ -45,7 +45,7 @@ class SiglipAesthetic(Scorer):
         self.head = head.to(device)
         self.device = device
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score(self, images, prompts) -> dict[str, np.ndarray]:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
         pooled = self.model(pixel_values=pixels).pooler_output.float()

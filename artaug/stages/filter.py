@@ -32,7 +32,7 @@ from artaug.stages.scoring import ImageScorer, check_sources, scored_schema
 
 log = logging.getLogger(__name__)
 IMAGES = ("before", "after")
-REASONS = ("missing_image", "unchanged", "aesthetic", "alignment", "unsafe")
+REASONS = ("missing_image", "missing_score", "unchanged", "aesthetic", "alignment", "unsafe")
 
 
 class FilterInputError(ValueError):
@@ -53,8 +53,11 @@ def decision_schema(scored: pa.Schema) -> pa.Schema:
 def decide(row: dict, cfg: FilterConfig) -> tuple[bool, list[str], float | None]:
     """(accepted, reasons, aesthetic gain) for one scored pair row."""
     a, s = cfg.aesthetic, cfg.alignment
-    if row.get("image_problem") or any(_missing(row.get(f"{c}_{i}")) for c in (a, s) for i in IMAGES):
-        return False, [f"missing_image: {row.get('image_problem') or 'a score is missing'}"], None
+    if row.get("image_problem"):
+        return False, [f"missing_image: {row['image_problem']}"], None
+    absent = [f"{c}_{i}" for c in (a, s) for i in IMAGES if _missing(row.get(f"{c}_{i}"))]
+    if absent:
+        return False, [f"missing_score: no {', '.join(absent)}"], None
     reasons = []
     if row.get("unchanged") and not cfg.keep_unchanged:
         reasons.append("unchanged: the after image is the before image (no usable suggestion)")
