@@ -295,7 +295,7 @@ class EvaluateConfig:
     """Judge VLM (hub id, local folder or "tiny"); by default a different model from critique.model."""
     judge_base_url: str = ""
     """OpenAI-compatible endpoint of the judge (openai backend); empty means critique.base_url."""
-    judge_max_tokens: int = 96
+    judge_max_tokens: int = 128
     """Token budget of one judgement (the schema bounds it: a winner and a short reason)."""
     judge_image_side: int = 512
     """Each image is scaled to this side before the two are composed side by side for the judge."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 
 import jsonschema
 from PIL import Image
@@ -119,7 +118,7 @@ def ask_judge(ds, cfg, model: str):
         )
     from artaug.critique.vllm_backend import vllm_critique
 
-    return vllm_critique(ds, cfg, model, request=partial(request))
+    return vllm_critique(ds, cfg, model, request=request)
 
 
 class OpenAIJudge(OpenAICritic):

@@ -165,8 +165,9 @@ def filter_pairs(cfg: RunConfig, pairs: str, stage_dir: str, overwrite: bool = F
 
 
 def summarize(stage_dir: str, cfg: FilterConfig) -> dict:
-    table = read_stage(stage_dir, columns=None)
-    rows = table.drop_columns([c for c in ("before", "after") if c in table.column_names]).to_pylist()
+    fs, path = storage.resolve(stage_dir)
+    names = pq.ParquetDataset(path, filesystem=fs).schema.names
+    rows = read_stage(stage_dir, columns=[c for c in names if c not in IMAGES]).to_pylist()  # no PNGs
     reasons = Counter(r.split(":", 1)[0] for row in rows for r in row["reject_reasons"])
     accepted = sum(row["accepted"] for row in rows)
     missing_ids = [
