@@ -123,7 +123,7 @@ def evaluate(cfg: RunConfig, loras: list[str], prompts: PromptSet, out: str, ove
     judgements = run_judge(cfg, model, pairs, storage.join(out, "judge")) if e.judge else None
     metrics = compute_metrics(cfg, scores, judgements)
     metrics.update(
-        base=cfg.model.source, loras=list(loras), prompts=prompts.source, judge_model=model,
+        base=cfg.model.source, loras=list(loras), prompts_file=prompts.source, judge_model=model,
         warnings=warnings, seconds=round(time.perf_counter() - start, 3),
     )  # fmt: skip
     write_charts(metrics, storage.join(out, "plots"))
@@ -278,7 +278,11 @@ def write_charts(metrics: dict, folder: str) -> None:
         differences.append((column, "lora", result["difference"]["mean"], result["difference"]["ci"]))
     storage.write_bytes(
         storage.join(folder, "scores.png"),
-        charts.png_bytes(charts.interval_chart("Mean scores: base vs base + LoRA", level, means)),
+        charts.png_bytes(
+            charts.interval_chart(
+                "Mean scores: base vs base + LoRA (own axis per score)", level, means, group=2
+            )
+        ),
     )
     storage.write_bytes(storage.join(folder, "differences.png"), charts.png_bytes(
         charts.interval_chart("Paired difference (base + LoRA minus base)", level, differences)))  # fmt: skip
@@ -294,6 +298,12 @@ def format_table(metrics: dict) -> str:
 
     def num(value) -> str:
         return "n/a" if value is None else f"{value:.4g}"
+
+    def pct(value) -> str:
+        return "n/a" if value is None else f"{value:.1%}"
+
+    def pcts(interval) -> str:
+        return f"[{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "[n/a]"
 
     level = f"{metrics['confidence']:.0%} CI"
     lines = [
@@ -311,11 +321,11 @@ def format_table(metrics: dict) -> str:
     if "judge" in metrics:
         j = metrics["judge"]
         lines.append(
-            f"MLLM judge (not human), both orders: win {num(j['win_rate'])} {ci(j['win_rate_ci'])},"
-            f" tie {num(j['tie_rate'])}, loss {num(j['loss_rate'])} {ci(j['loss_rate_ci'])}"
+            f"MLLM judge (not human), both orders: win {pct(j['win_rate'])} {pcts(j['win_rate_ci'])},"
+            f" tie {pct(j['tie_rate'])}, loss {pct(j['loss_rate'])} {pcts(j['loss_rate_ci'])}"
             f" over {j['judged']} prompts; {j['missing']} prompts missing"
             f" ({j['unparseable_or_missing_judgements']} judgements unparseable or absent);"
-            f" left image picked {num(j['left_share'])}"
+            f" left image picked in {pct(j['left_share'])} of decisive judgements"
         )
     for warning in metrics.get("warnings", []):
         lines.append(f"warning: {warning}")
