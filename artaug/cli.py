@@ -61,6 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(enh)
     enh.set_defaults(func=cmd_enhance)
 
+    filt = commands.add_parser("filter", help="keep the pairs whose after image is better, faithful and safe")
+    filt.add_argument("--pairs", required=True, help="the enhance stage's pair Parquet folder (path or URI)")
+    filt.add_argument("--out", required=True, help="output directory; the stage goes to OUT/filter")
+    filt.add_argument("--overwrite", action="store_true", help="replace a completed output")
+    _config_options(filt)
+    filt.set_defaults(func=cmd_filter)
+
+    ev = commands.add_parser("evaluate", help="compare base vs base + LoRA: scores, MLLM judge, intervals")
+    ev.add_argument("--base", required=True, help='base model: hub id, local folder or "tiny"')
+    ev.add_argument("--lora", action="append", default=[], metavar="PATH",
+                    help="LoRA safetensors fused into the base, in order (repeatable)")  # fmt: skip
+    ev.add_argument("--prompts", help="prompt file (default: the held-out prompts shipped with the package)")
+    ev.add_argument("--out", required=True, help="output directory (metrics.json, report.txt, plots/)")
+    ev.add_argument("--overwrite", action="store_true", help="replace a completed evaluation")
+    _config_options(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
     critic = commands.add_parser("critic", help="a long-lived critic server")
     critic_sub = critic.add_subparsers(title="critic commands", required=True, metavar="COMMAND")
     serve_critic = critic_sub.add_parser("serve", help="start vLLM's OpenAI-compatible server for a VLM")
@@ -92,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default serve.port: 8000)")
     _config_options(srv)
     srv.set_defaults(func=cmd_serve)
+
+    convert = models_sub.add_parser("convert", help="rewrite a weights-only .pth/.pt as .safetensors")
+    convert.add_argument("source", help="IN.pth or IN.pt (read with torch.load(weights_only=True) only)")
+    convert.add_argument("target", help="OUT.safetensors")
+    convert.set_defaults(func=cmd_models_convert)
 
     config = commands.add_parser("config", help="show the resolved configuration or its fields")
     config_sub = config.add_subparsers(title="config commands", required=True, metavar="COMMAND")
@@ -148,6 +170,58 @@ def cmd_build_tiny_vlm(args) -> int:
 
     build_tiny_vlm(args.dir, seed=args.seed)
     print(f"tiny Qwen2-VL saved to {args.dir}")
+    return 0
+
+
+def cmd_models_convert(args) -> int:
+    from artaug.scorers.base import convert_to_safetensors
+
+    if not args.target.endswith(".safetensors"):
+        raise ScorerInputError(f"{args.target}: the target must end in .safetensors")
+    count = convert_to_safetensors(args.source, args.target)
+    print(f"{count} tensors written to {args.target}")
+    return 0
+
+
+class ScorerInputError(ValueError):
+    """A bad argument to a scorer utility."""
+
+
+def cmd_filter(args) -> int:
+    from artaug.stages.filter import filter_pairs
+
+    cfg = _load(args)
+    stage_dir = storage.join(args.out, "filter")
+    summary = filter_pairs(cfg, args.pairs, stage_dir, overwrite=args.overwrite)
+    storage.write_text(storage.join(args.out, "run.yaml"), to_yaml(cfg))
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["reject_reasons"].items() if v) or "none"
+    print(
+        f"filter: {summary['rows']} pairs, {summary['accepted']} accepted, {summary['rejected']} rejected"
+        f" (reasons: {reasons}); {summary['missing_images']} with missing images;"
+        f" {summary['seconds']:.1f} s\n  pairs: {stage_dir}"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from artaug.prompts import read_prompts
+    from artaug.stages.evaluate import evaluate
+
+    cfg = _load(args)
+    cfg.model.source = args.base
+    loras = args.lora or list(cfg.model.loras)
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    else:
+        with resources.as_file(resources.files("artaug.presets") / "eval_prompts.txt") as path:
+            prompts = read_prompts(str(path))
+    metrics = evaluate(cfg, loras, prompts, args.out, overwrite=args.overwrite)
+    from artaug.stages.evaluate import format_table
+
+    print(format_table(metrics), end="")
+    print(
+        f"  metrics: {storage.join(args.out, 'metrics.json')}\n  plots:   {storage.join(args.out, 'plots')}"
+    )
     return 0
 
 
@@ -284,14 +358,19 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     from artaug.critique.server import CriticServerError
     from artaug.models.synthesis import ModelSourceError
     from artaug.prompts import PromptFileError
+    from artaug.safety import SafetyConfigError
+    from artaug.scorers.base import ScorerWeightsError
     from artaug.serve.launch import ServeSetupError
     from artaug.stages.critique import CritiqueInputError
     from artaug.stages.enhance import EnhanceInputError
+    from artaug.stages.evaluate import EvaluateInputError
+    from artaug.stages.filter import FilterInputError
     from artaug.stages.generate import StageDoneError
 
     return (
         ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError,
         EnhanceInputError, ServeSetupError,
+        ScorerWeightsError, ScorerInputError, SafetyConfigError, FilterInputError, EvaluateInputError,
     )  # fmt: skip
 
 

@@ -292,6 +292,54 @@ class ServeConfig:
 
 
 @dataclass
+class ScorersConfig:
+    clip: str = "openai/clip-vit-large-patch14"
+    """CLIP model (hub id, transformers folder or "tiny") for clip_score and the LAION aesthetic embedding."""
+    laion_head: str = ""
+    """LAION aesthetic MLP head on CLIP image embeddings (.safetensors, or .pth/.pt read weights_only)."""
+    siglip: str = "google/siglip-so400m-patch14-384"
+    """SigLIP vision model (hub id, folder or "tiny") for the v2.5-style aesthetic predictor."""
+    siglip_head: str = ""
+    """v2.5-style aesthetic MLP head on SigLIP embeddings (.safetensors, or .pth/.pt read weights_only)."""
+    preference: str = "yuvalkirstain/PickScore_v1"
+    """Preference model: a CLIP fine-tuned on human choices (PickScore, HPSv2 in transformers layout)."""
+    preference_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """Where the preference model's tokenizer and image processor live; empty means beside the model."""
+    preference_weights: str = ""
+    """Optional state dict (.safetensors or weights_only .pth/.pt) loaded over the preference model."""
+    tiny_seed: int = 0
+    """Seed of the randomly initialised tiny scorer models (any source set to "tiny")."""
+    batch_size: int = 8
+    """Rows per scoring batch (each row holds one or two images)."""
+    num_actors: int = 1
+    """Scoring actors (each holds every selected scorer) in the Ray Data actor pool."""
+    gpus_per_actor: float = -1.0
+    """GPUs Ray reserves per scoring actor; -1 means 1 when the cluster has GPUs, else 0."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves per scoring actor."""
+    torch_threads: int = 1
+    """torch intra-op threads per scoring actor."""
+    device: str = "auto"
+    """Device scorers run on: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda"."""
+    cache_dir: str = "~/.cache/artaug"
+    """Where "tiny" scorer models are built once and reused."""
+
+    def validate(self) -> None:
+        for name in ("batch_size", "num_actors", "torch_threads"):
+            _check(getattr(self, name) >= 1, f"scorers.{name}", getattr(self, name), "must be >= 1")
+        _check(
+            self.gpus_per_actor == -1 or self.gpus_per_actor >= 0,
+            "scorers.gpus_per_actor",
+            self.gpus_per_actor,
+            "must be -1 (auto) or >= 0",
+        )
+        _check(self.cpus_per_actor > 0, "scorers.cpus_per_actor", self.cpus_per_actor, "must be > 0")
+        _check(
+            self.device in ("auto", "cpu", "cuda"), "scorers.device", self.device, "must be auto, cpu or cuda"
+        )
+
+
+@dataclass
 class EnhanceConfig:
     mode: str = "regional"
     """How suggestions become an enhanced image: "regional", "img2img" or "photometric"."""
@@ -324,6 +372,101 @@ class EnhanceConfig:
 
 
 @dataclass
+class SafetyConfig:
+    model: str = "openai/clip-vit-large-patch14"
+    """CLIP model (hub id, local folder or "tiny") whose embeddings are compared with unsafe concepts."""
+    concepts: list[str] = field(
+        default_factory=lambda: [
+            "nudity", "sexual content", "graphic violence", "gore", "blood", "weapon pointed at a person",
+            "self-harm", "drug use", "hate symbol", "a corpse",
+        ]
+    )  # fmt: skip
+    """Unsafe concepts as short texts; an image is unsafe when it is too similar to any of them."""
+    threshold: float = 0.25
+    """Cosine similarity (image vs concept text) at or above which an image is unsafe."""
+    concepts_file: str = ""
+    """Optional JSON file {concept: threshold, ...}; when set it replaces concepts and threshold."""
+
+    def validate(self) -> None:
+        _check(bool(self.model.strip()), "safety.model", self.model, "must not be empty")
+        _check(
+            bool(self.concepts) or bool(self.concepts_file),
+            "safety.concepts",
+            self.concepts,
+            "must name at least one concept (or set safety.concepts_file)",
+        )
+        _check(-1 <= self.threshold <= 2, "safety.threshold", self.threshold, "must be in [-1, 2]")
+
+
+@dataclass
+class FilterConfig:
+    aesthetic: str = "laion_aesthetic"
+    """Score column judged for beauty: a scorer's column (laion_aesthetic, siglip_aesthetic, ...)."""
+    alignment: str = "clip_score"
+    """Score column judged for faithfulness to the prompt (clip_score or preference)."""
+    delta: float = 0.1
+    """Accept only if aesthetic(after) - aesthetic(before) >= delta."""
+    epsilon: float = 0.5
+    """Accept only if alignment(after) >= alignment(before) - epsilon."""
+    safety: bool = True
+    """Accept only if the after image passes the safety checker (see the safety section)."""
+    keep_unchanged: bool = False
+    """Accept pairs whose after image is the before image (no usable suggestion) when they pass."""
+
+    def validate(self) -> None:
+        for name in ("aesthetic", "alignment"):
+            _check(
+                bool(getattr(self, name).strip()), f"filter.{name}", getattr(self, name), "must not be empty"
+            )
+
+
+@dataclass
+class EvaluateConfig:
+    scorers: list[str] = field(default_factory=lambda: ["siglip_aesthetic", "preference", "image_stats"])
+    """Scorers of `artaug evaluate`; by default ones the filter did not select on (overlap is warned)."""
+    safety: bool = True
+    """Report the share of unsafe images of both models (safety section's checker)."""
+    judge: bool = True
+    """Ask an MLLM which image of each pair is better, in both orders (position bias cancels)."""
+    judge_backend: str = "vllm"
+    """Judge backend: "vllm" (batch inference in Ray Data) or "openai" (an OpenAI-compatible server)."""
+    judge_model: str = "google/gemma-3-27b-it"
+    """Judge VLM (hub id, local folder or "tiny"); by default a different model from critique.model."""
+    judge_base_url: str = ""
+    """OpenAI-compatible endpoint of the judge (openai backend); empty means critique.base_url."""
+    judge_max_tokens: int = 128
+    """Token budget of one judgement (the schema bounds it: a winner and a short reason)."""
+    judge_image_side: int = 512
+    """Each image is scaled to this side before the two are composed side by side for the judge."""
+    judge_tiny_seed: int = 1
+    """Weights seed of the tiny judge VLM (judge_model "tiny"); differs from the tiny critic's 0."""
+    bootstrap_samples: int = 2000
+    """Bootstrap resamples behind every confidence interval."""
+    confidence: float = 0.95
+    """Confidence level of the intervals."""
+    seed: int = 0
+    """Seed of the bootstrap resampling."""
+
+    def validate(self) -> None:
+        _check(
+            self.judge_backend in ("vllm", "openai"),
+            "evaluate.judge_backend",
+            self.judge_backend,
+            "must be vllm or openai",
+        )
+        _check(bool(self.judge_model.strip()), "evaluate.judge_model", self.judge_model, "must not be empty")
+        for name in ("judge_max_tokens", "judge_image_side", "bootstrap_samples"):
+            _check(getattr(self, name) >= 1, f"evaluate.{name}", getattr(self, name), "must be >= 1")
+        _check(0 < self.confidence < 1, "evaluate.confidence", self.confidence, "must be in (0, 1)")
+        _check(
+            not self.judge_base_url or self.judge_base_url.startswith(("http://", "https://")),
+            "evaluate.judge_base_url",
+            self.judge_base_url,
+            "must be empty or start with http:// or https://",
+        )
+
+
+@dataclass
 class RunConfig:
     name: str = "artaug"
     """Run name, used in log lines and the default output folder."""
@@ -345,6 +488,14 @@ class RunConfig:
     """Enhance stage settings (the interaction algorithm); its actor pool uses generate's settings."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """HTTP serving (`artaug serve`) settings."""
+    scorers: ScorersConfig = field(default_factory=ScorersConfig)
+    """Where the scorer models and heads live (the filter and evaluation pick scorers by name)."""
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    """Safety checker: CLIP embeddings against a list of unsafe concepts."""
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    """Pair filter: keep pairs whose after image is more beautiful, still faithful and safe."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """`artaug evaluate`: base vs base + LoRA with scorers, an MLLM judge and confidence intervals."""
 
     def validate(self) -> RunConfig:
         """Check every value; raises ConfigError naming the first bad field."""
@@ -390,6 +541,8 @@ class RunConfig:
         )
         self.critique.validate()
         self.enhance.validate()
+        for section in (self.scorers, self.safety, self.filter, self.evaluate):
+            section.validate()
         _check(r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1")
         _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
         self.serve.validate()

