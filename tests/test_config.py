@@ -10,6 +10,7 @@ from artaug.config import (
     ModelConfig,
     RayConfig,
     RunConfig,
+    TrainConfig,
     describe,
     field_docs,
     load_config,
@@ -19,7 +20,7 @@ from artaug.config import (
 
 
 def test_every_field_has_a_default_and_a_docstring():
-    for cls in (RunConfig, RayConfig, ModelConfig, GenerateConfig):
+    for cls in (RunConfig, RayConfig, ModelConfig, GenerateConfig, TrainConfig):
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
@@ -47,6 +48,8 @@ def test_flux_dev_preset():
     assert (cfg.generate.width, cfg.generate.height) == (1024, 1024)
     assert cfg.generate.steps == 28 and cfg.generate.guidance == 3.5
     assert cfg.generate.gpus_per_actor == 1
+    assert cfg.train.precision == "bfloat16" and cfg.train.gradient_checkpointing
+    assert cfg.train.gpus_per_worker == 1 and cfg.train.zero_stage == 2
 
 
 def test_file_then_overrides(tmp_path):
@@ -84,6 +87,11 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("model.max_sequence_length=600", "model.max_sequence_length"),
         ("ray.include_dashboard=maybe", "expected true or false"),
         ("generate.steps", "expected section.field=value"),
+        ("train.mode=both", "train.mode: 'both' must be differential or direct"),
+        ("train.zero_stage=3", "train.zero_stage: 3 must be 1 or 2"),
+        ("train.rank=0", "train.rank"),
+        ("train.before_steps=0", "train.before_steps"),
+        ("train.precision=float16", "train.precision"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_named(override, message):
