@@ -89,6 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(serve_critic)
     serve_critic.set_defaults(func=cmd_critic_serve)
 
+    train = commands.add_parser("train", help="train a LoRA from enhanced pairs (Ray Train + DeepSpeed)")
+    train.add_argument("--pairs", required=True, help="pair folder (Parquet, the enhance/filter output)")
+    train.add_argument("--out", required=True, help="output directory (local path, s3:// or gs://)")
+    train.add_argument("--round", type=int, help="round recorded in the LoRA (default: the pairs' round)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a completed output and its checkpoints"
+    )
+    _config_options(train)
+    train.set_defaults(func=cmd_train)
+
     models = commands.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(title="model commands", required=True, metavar="COMMAND")
     tiny = models_sub.add_parser("build-tiny", help="build and save the tiny random FLUX pipeline")
@@ -297,6 +307,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from artaug.train.launch import train
+
+    cfg = _load(args)
+    storage.write_text(storage.join(args.out, "run.yaml"), to_yaml(cfg))
+    summary = train(cfg, args.pairs, args.out, overwrite=args.overwrite, round_index=args.round)
+    cache = summary["cache"]
+    skipped = ", ".join(f"{n} {reason}" for reason, n in cache["skipped"].items()) or "none"
+    restarts = ", ".join(str(r["from_step"]) for r in summary["restarts"]) or "none"
+    print(
+        f"train: {cache['pairs']} pairs, {cache['usable']} used, skipped: {skipped}\n"
+        f"  {summary['mode']}, {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
+        f"{summary['final_loss']:.4f}, {summary['seconds']:.1f} s, resumed from steps: {restarts}\n"
+        f"  lora:    {summary['lora']}\n  metrics: {storage.join(args.out, 'lora', 'metrics.jsonl')}"
+    )
+    return 0
+
+
 def cmd_run(args) -> int:
     """The main job. Today it runs the stages that exist (generate, critique, enhance) and says where
     the output is."""
@@ -356,21 +384,24 @@ def _generate_into(cfg: RunConfig, prompts, out: str, round_index: int, overwrit
 def _user_facing_errors() -> tuple[type[BaseException], ...]:
     """Errors reported as one line (no traceback); imported late so --help stays fast."""
     from artaug.critique.server import CriticServerError
+    from artaug.lora import LoraFileError
     from artaug.models.synthesis import ModelSourceError
     from artaug.prompts import PromptFileError
     from artaug.safety import SafetyConfigError
     from artaug.scorers.base import ScorerWeightsError
     from artaug.serve.launch import ServeSetupError
+    from artaug.stages.cache_latents import PairsError
     from artaug.stages.critique import CritiqueInputError
     from artaug.stages.enhance import EnhanceInputError
     from artaug.stages.evaluate import EvaluateInputError
     from artaug.stages.filter import FilterInputError
     from artaug.stages.generate import StageDoneError
+    from artaug.train.launch import CheckpointConflictError
 
     return (
         ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError,
-        EnhanceInputError, ServeSetupError,
-        ScorerWeightsError, ScorerInputError, SafetyConfigError, FilterInputError, EvaluateInputError,
+        EnhanceInputError, ServeSetupError, ScorerWeightsError, ScorerInputError, SafetyConfigError,
+        FilterInputError, EvaluateInputError, PairsError, LoraFileError, CheckpointConflictError,
     )  # fmt: skip
 
 

@@ -467,6 +467,126 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrainConfig:
+    mode: str = "differential"
+    """"differential": LoRA-1 on before images, merged, LoRA-2 on after images (kept); "direct": after only"""
+    steps: int = 500
+    """Optimizer steps of the phase whose LoRA is kept (LoRA-2, on the after images)."""
+    before_steps: int = -1
+    """Optimizer steps of LoRA-1 on the before images (differential mode); -1 means the same as steps."""
+    rank: int = 16
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha: the update is scaled by alpha / rank (saved with the LoRA so loaders apply it)."""
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+        ]
+    )
+    """Transformer modules that get LoRA layers (names or name suffixes, as peft matches them)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (constant), the same for both phases."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    micro_batch_size: int = 1
+    """Samples per worker per forward pass."""
+    grad_accumulation: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = workers x micro batch x this)."""
+    guidance: float = 1.0
+    """Guidance value fed to the guidance embedding of guidance-distilled models (FLUX.1-dev) in training."""
+    seed: int = 0
+    """Seed of LoRA init, sample order, noise and timesteps (a resumed run matches an uninterrupted one)."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks, one GPU each on GPU clusters)."""
+    gpus_per_worker: float = -1.0
+    """GPUs per worker; -1 means 1 when the cluster has GPUs, else 0 (CPU workers, gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker."""
+    torch_threads: int = 1
+    """torch intra-op threads per worker on CPU."""
+    precision: str = "auto"
+    """Training precision: "auto" (bf16 on GPU, fp32 on CPU), "float32" or "bfloat16"."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 or 2 (stage 3 is not offered: merging LoRA-1 and saving need whole weights)."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer block activations in the backward pass (saves GPU memory, costs ~30% time)."""
+    checkpoint_every: int = 100
+    """Save a checkpoint (Ray Train storage) every this many optimizer steps, and at phase ends."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage (oldest deleted first)."""
+    max_failures: int = 3
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    encode_actors: int = 1
+    """Ray Data actors that VAE-encode images and encode prompts into the latent cache."""
+    encode_batch_size: int = 8
+    """Pairs per encoding call within one latent-cache actor."""
+
+    @property
+    def phase_steps(self) -> list[tuple[str, int]]:
+        """(images trained on, optimizer steps) per phase, in order; the last phase's LoRA is kept."""
+        if self.mode == "direct":
+            return [("after", self.steps)]
+        return [("before", self.steps if self.before_steps < 0 else self.before_steps), ("after", self.steps)]
+
+    def validate(self) -> None:
+        _check(
+            self.mode in ("differential", "direct"), "train.mode", self.mode, "must be differential or direct"
+        )
+        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(
+            self.before_steps == -1 or self.before_steps >= 1,
+            "train.before_steps",
+            self.before_steps,
+            "must be -1 (same as steps) or >= 1",
+        )
+        _check(self.rank >= 1, "train.rank", self.rank, "must be >= 1")
+        _check(self.alpha > 0, "train.alpha", self.alpha, "must be > 0")
+        _check(bool(self.target_modules), "train.target_modules", self.target_modules, "must not be empty")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _check(self.grad_accumulation >= 1, "train.grad_accumulation", self.grad_accumulation, "must be >= 1")
+        _check(self.guidance >= 0, "train.guidance", self.guidance, "must be >= 0")
+        _check(0 <= self.seed < 2**63, "train.seed", self.seed, "must be in [0, 2**63)")
+        _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be >= 1")
+        _check(
+            self.gpus_per_worker == -1 or self.gpus_per_worker >= 0,
+            "train.gpus_per_worker",
+            self.gpus_per_worker,
+            "must be -1 (auto) or >= 0",
+        )
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _check(self.torch_threads >= 1, "train.torch_threads", self.torch_threads, "must be >= 1")
+        _check(
+            self.precision in ("auto", "float32", "bfloat16"),
+            "train.precision",
+            self.precision,
+            "must be auto, float32 or bfloat16",
+        )
+        _check(
+            self.zero_stage in (1, 2),
+            "train.zero_stage",
+            self.zero_stage,
+            "must be 1 or 2 (stage 3 is not supported)",
+        )
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.max_failures >= 0, "train.max_failures", self.max_failures, "must be >= 0")
+        _check(self.encode_actors >= 1, "train.encode_actors", self.encode_actors, "must be >= 1")
+        _check(self.encode_batch_size >= 1, "train.encode_batch_size", self.encode_batch_size, "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     name: str = "artaug"
     """Run name, used in log lines and the default output folder."""
@@ -496,6 +616,8 @@ class RunConfig:
     """Pair filter: keep pairs whose after image is more beautiful, still faithful and safe."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """`artaug evaluate`: base vs base + LoRA with scorers, an MLLM judge and confidence intervals."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Differential LoRA training settings (latent cache, Ray Train, DeepSpeed)."""
 
     def validate(self) -> RunConfig:
         """Check every value; raises ConfigError naming the first bad field."""
@@ -544,6 +666,7 @@ class RunConfig:
         for section in (self.scorers, self.safety, self.filter, self.evaluate):
             section.validate()
         _check(r.num_cpus >= 1, "ray.num_cpus", r.num_cpus, "must be >= 1")
+        self.train.validate()
         _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
         self.serve.validate()
         return self

@@ -62,3 +62,26 @@ CRITIQUE = pa.schema(
         ("seconds", pa.float64()),
     ]
 )
+
+# The latent cache written by the cache_latents stage and read by training workers: one row per pair,
+# tensors as raw bytes of `dtype` (bf16 survives exactly) with their shapes. Latents are the VAE's
+# scaled and shifted posterior means; text embeddings are those of the original prompt. A pair that
+# cannot be trained on keeps its ids and gets `skipped` (the reason) and null tensors.
+LATENT = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("seed", pa.int64()),
+        ("round", pa.int32()),
+        ("prompt", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("skipped", pa.string()),  # null when the pair is usable
+        ("dtype", pa.string()),  # torch dtype name of every tensor below, e.g. "float32"
+        ("latent_shape", pa.list_(pa.int32())),  # [channels, height / 8, width / 8]
+        ("before_latent", pa.binary()),
+        ("after_latent", pa.binary()),
+        ("text_shape", pa.list_(pa.int32())),  # [T5 tokens, T5 width]
+        ("prompt_embeds", pa.binary()),  # T5 hidden states
+        ("pooled_embeds", pa.binary()),  # CLIP pooled output
+    ]
+)

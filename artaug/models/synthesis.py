@@ -98,10 +98,17 @@ def _own_aligned_memory(pipe) -> None:
 
 
 def fuse_loras(pipe, loras: list[str], scale: float = 1.0) -> None:
-    """Fuse each LoRA into the weights one after another, then drop the LoRA layers."""
+    """Fuse each LoRA into the weights one after another, then drop the LoRA layers.
+
+    A file whose keys match no layer of the model is refused (diffusers would skip them with a warning).
+    """
+    from artaug.lora import check_fits
+
     for index, path in enumerate(loras):
         name = f"fused_{index}"
-        pipe.load_lora_weights(_local_copy(path), adapter_name=name)
+        local = _local_copy(path)
+        check_fits(local, {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
+        pipe.load_lora_weights(local, adapter_name=name)
         pipe.fuse_lora(adapter_names=[name], lora_scale=scale)
         pipe.unload_lora_weights()
 
@@ -118,3 +125,61 @@ def _local_copy(path: str) -> str:
     with handle:
         handle.write(read_bytes(path))
     return handle.name
+
+
+def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
+    """The FLUX pipeline without its transformer (VAE, CLIP, T5): what the latent cache needs."""
+    from diffusers import FluxPipeline
+
+    check_source(cfg)
+    device = device or pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    if cfg.source == "tiny":
+        from artaug.models.tiny import build_tiny_flux
+
+        pipe = build_tiny_flux(cfg.tiny_seed)
+        pipe.transformer = None
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    else:
+        local = looks_local(cfg.source)
+        pipe = FluxPipeline.from_pretrained(
+            os.path.expanduser(cfg.source) if local else cfg.source,
+            transformer=None,
+            dtype=dtype,
+            local_files_only=local,
+            revision=None if local else (cfg.revision or None),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    if device.type == "cpu":
+        _own_aligned_memory(pipe)
+    return pipe.to(device)
+
+
+def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The FLUX transformer alone, with cfg.loras fused in order: the base a training round starts from."""
+    from diffusers import FluxTransformer2DModel
+
+    from artaug.lora import fuse_into_transformer
+
+    check_source(cfg)
+    if cfg.source == "tiny":
+        from artaug.models.tiny import build_tiny_flux
+
+        transformer = build_tiny_flux(cfg.tiny_seed).transformer
+    else:
+        local = looks_local(cfg.source)
+        transformer = FluxTransformer2DModel.from_pretrained(
+            os.path.expanduser(cfg.source) if local else cfg.source,
+            subfolder="transformer",
+            dtype=dtype,
+            local_files_only=local,
+            revision=None if local else (cfg.revision or None),
+        )
+    transformer = transformer.to(device=device, dtype=dtype)
+    for index, path in enumerate(cfg.loras):
+        fuse_into_transformer(transformer, path, cfg.lora_scale, name=f"fused_{index}")
+    if device.type == "cpu":  # see _own_aligned_memory
+        for tensor in [*transformer.parameters(), *transformer.buffers()]:
+            tensor.data = tensor.data.clone()
+    return transformer

@@ -1,0 +1,1 @@
+"""Differential LoRA training: per-worker loop, DeepSpeed config, TorchTrainer launch."""
