@@ -136,10 +136,12 @@ class ImageAPI:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 when a model replica answers (or all are busy), 503 when none can."""
+        probe = self.model.ready.remote()
         try:
-            await asyncio.wait_for(_result(self.model.ready.remote()), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(_result(probe), HEALTH_TIMEOUT_S)
             status, code = "ok", 200
         except (BackPressureError, TimeoutError):
+            probe.cancel()
             status, code = "busy", 200
         except Exception:  # noqa: BLE001 - any failure to reach a replica means unhealthy
             status, code = "unavailable", 503
