@@ -114,7 +114,7 @@ def evaluate(cfg: RunConfig, loras: list[str], prompts: PromptSet, out: str, ove
     start = time.perf_counter()
     for label, stage_cfg in (("base", base_cfg), ("lora", lora_cfg)):
         stage = storage.join(out, label, "generate")
-        if storage.is_complete(stage) and not overwrite:
+        if not overwrite and _reusable(stage, prompts):
             log.info("reusing the completed %s generation in %s", label, stage)
         else:
             generate(stage_cfg, prompts, stage, overwrite=True)
@@ -131,6 +131,14 @@ def evaluate(cfg: RunConfig, loras: list[str], prompts: PromptSet, out: str, ove
     storage.write_text(storage.join(out, "report.txt"), table)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def _reusable(stage: str, prompts: PromptSet) -> bool:
+    """A completed generation of these same prompts (an interrupted evaluation resumes from it)."""
+    if not storage.is_complete(stage):
+        return False
+    summary = storage.read_summary(stage)
+    return summary.get("prompts_source") == prompts.source and summary.get("rows") == len(prompts.rows)
 
 
 def joined_pairs(out: str) -> pa.Table:
