@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from artaug.models.synthesis import load_pipeline
-from tests.conftest import _free_port
+from tests.conftest import free_port
 from tests.test_models import make_lora
 
 APP = "artaug-test"
@@ -40,7 +40,7 @@ def served(ray_local, tiny_dir, lora_file):
     from artaug.serve.app import build_app
     from artaug.serve.launch import resolve_config
 
-    port = _free_port()
+    port = free_port()
     cfg = resolve_config(
         lora=lora_file,
         overrides=[

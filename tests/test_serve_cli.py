@@ -26,7 +26,7 @@ from artaug.cli import main as cli
 from artaug.config import to_yaml
 from artaug.models.synthesis import load_pipeline
 from artaug.serve.launch import COMBINED_LORA, ServeSetupError, resolve_config
-from tests.conftest import _free_port, tiny_config
+from tests.conftest import free_port, tiny_config
 from tests.test_models import make_lora
 
 ROOT = Path(__file__).parents[1]
@@ -133,7 +133,7 @@ def test_app_builder_rejects_unknown_args():
 
 def test_artaug_serve_answers_with_the_runs_fused_model_and_stops_cleanly(ray_local, run_dir):
     """`artaug serve RUN_DIR` as a separate process on the session's Ray, stopped by Ctrl-C."""
-    port = _free_port()
+    port = free_port()
     address = ray_local.get_runtime_context().gcs_address
     server = subprocess.Popen(
         [sys.executable, "-m", "artaug.cli", "serve", str(run_dir), "--port", str(port)]

@@ -176,7 +176,9 @@ def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype)
             local_files_only=local,
             revision=None if local else (cfg.revision or None),
         )
-    transformer = transformer.to(device=device, dtype=dtype)
+    if transformer.dtype != dtype:  # (a no-op cast still warns about modules kept in float32)
+        transformer = transformer.to(dtype=dtype)
+    transformer = transformer.to(device)
     for index, path in enumerate(cfg.loras):
         fuse_into_transformer(transformer, path, cfg.lora_scale, name=f"fused_{index}")
     if device.type == "cpu":  # see _own_aligned_memory

@@ -161,7 +161,7 @@ def _decode_pair(row: dict) -> tuple[str | None, list[torch.Tensor] | None]:
         return f"size mismatch ({shown}, row {expected[0]}x{expected[1]})", None
     if expected[0] % 16 or expected[1] % 16:
         return f"size {expected[0]}x{expected[1]} is not a multiple of 16", None
-    tensors = [torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 127.5 - 1 for image in images]
+    tensors = [torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1 for image in images]
     return None, tensors
 
 

@@ -247,7 +247,9 @@ class Worker:
 
     @torch.no_grad()
     def _evaluate(self, images: str, samples: int = 4) -> None:
-        """Loss on the first cached pairs with fixed noise and timesteps: comparable across steps."""
+        """Rank 0: loss on the first cached pairs with fixed noise and timesteps, comparable across steps."""
+        if self.rank != 0:
+            return
         losses = []
         for i in range(min(samples, len(self.data))):
             generator = torch.Generator().manual_seed(mix_seed(self.t.seed, 0xE7A1, i))
@@ -261,8 +263,7 @@ class Worker:
             )
             losses.append(loss.item())
         self.evals.append({"step": self.step, "phase": images, "loss": sum(losses) / len(losses)})
-        if self.rank == 0:
-            log.info("step %d: fixed-noise loss on %s images %.5f", self.step, images, self.evals[-1]["loss"])
+        log.info("step %d: fixed-noise loss on %s images %.5f", self.step, images, self.evals[-1]["loss"])
 
     def _end_phase1(self, engine, index: int) -> None:
         """Save LoRA-1, merge it into the base from that file (as a resumed run does), checkpoint."""
