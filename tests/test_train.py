@@ -71,6 +71,37 @@ def test_sample_order_is_a_function_of_seed_step_and_rank():
     assert sample_indices(8, 0, 0, 1, 0, 0, t) != sample_indices(8, 0, 1, 1, 0, 0, t)  # phases differ
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The GPU presets recompute activations; on the tiny model the LoRA gradients must not change."""
+    from peft import LoraConfig
+
+    from artaug.models.tiny import build_tiny_flux
+    from artaug.train.objective import flow_matching_loss
+
+    grads = []
+    for checkpointing in (False, True):
+        transformer = build_tiny_flux(0).transformer.requires_grad_(False)
+        torch.manual_seed(1)
+        transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "proj_mlp"]))
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+            assert transformer.is_gradient_checkpointing
+        loss = flow_matching_loss(
+            transformer,
+            torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2)),
+            torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(3)),
+            torch.randn(2, 32, generator=torch.Generator().manual_seed(4)),
+            torch.Generator().manual_seed(5),
+            guidance=1.0,
+        )
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
+
+
 def test_lora_with_foreign_keys_fails_naming_them(tmp_path):
     from peft import LoraConfig
 
