@@ -131,22 +131,7 @@ def build_tiny_vlm(directory: str, seed: int = 0) -> str:
 
 
 def ensure_tiny_vlm(cache_dir: str, seed: int = 0) -> str:
-    """The tiny VLM's folder under cache_dir, built on first use (atomically: build, then rename)."""
-    import shutil
-    import tempfile
+    """The tiny VLM's folder under cache_dir, built on first use."""
+    from artaug.models.cache import build_once
 
-    root = os.path.expanduser(cache_dir)
-    folder = os.path.join(root, f"tiny-qwen2-vl-v1-seed{seed}")
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    os.makedirs(root, exist_ok=True)
-    scratch = tempfile.mkdtemp(dir=root, prefix=".building-")
-    try:
-        build_tiny_vlm(scratch, seed)
-        os.replace(scratch, folder)
-    except OSError:
-        if not os.path.isfile(os.path.join(folder, "config.json")):  # not a lost race: a real failure
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder
+    return build_once(cache_dir, f"tiny-qwen2-vl-v1-seed{seed}", lambda folder: build_tiny_vlm(folder, seed))

@@ -6,11 +6,9 @@ real loading path. Their scores mean nothing.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
 import torch
+
+from artaug.models.cache import build_once
 
 IMAGE_SIDE = 32
 WIDTH = 32
@@ -74,19 +72,7 @@ BUILDERS = {"clip": build_tiny_clip, "siglip": build_tiny_siglip}
 
 
 def ensure_tiny(kind: str, cache_dir: str, seed: int = 0) -> str:
-    """The tiny `kind` model's folder under cache_dir, built on first use (build, then rename)."""
-    root = os.path.expanduser(cache_dir)
-    folder = os.path.join(root, f"tiny-{kind}-scorer-v1-seed{seed}")
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    os.makedirs(root, exist_ok=True)
-    scratch = tempfile.mkdtemp(dir=root, prefix=".building-")
-    try:
-        BUILDERS[kind](scratch, seed)
-        os.replace(scratch, folder)
-    except OSError:
-        if not os.path.isfile(os.path.join(folder, "config.json")):  # not a lost race: a real failure
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder
+    """The tiny `kind` model's folder under cache_dir, built on first use."""
+    return build_once(
+        cache_dir, f"tiny-{kind}-scorer-v1-seed{seed}", lambda folder: BUILDERS[kind](folder, seed)
+    )
