@@ -11,12 +11,11 @@ is a missing judgement (reported), never a tie.
 from __future__ import annotations
 
 import json
-import time
 
 import jsonschema
 from PIL import Image
 
-from artaug.critique.openai_backend import EndpointError, OpenAICritic, post_with_retries
+from artaug.critique.openai_backend import OpenAICritic, request_body
 from artaug.images import data_url, decode_image
 
 JUDGE_VERSION = "judge-v1"
@@ -124,24 +123,6 @@ def ask_judge(ds, cfg, model: str):
 class OpenAIJudge(OpenAICritic):
     """The critic's OpenAI-compatible client (retries, timeouts, key handling) sending judge requests."""
 
-    def _one(self, row: dict) -> tuple[str | None, str | None, float]:
-        start = time.perf_counter()
+    def _body(self, row: dict) -> dict:
         messages, schema = request(row)
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": self.cfg.max_tokens,
-            "temperature": self.cfg.temperature,
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": JUDGE_VERSION, "schema": schema, "strict": True},
-            },
-        }
-        try:
-            return (
-                post_with_retries(self.session, self.url, body, self.cfg),
-                None,
-                time.perf_counter() - start,
-            )
-        except EndpointError as err:
-            return None, str(err), time.perf_counter() - start
+        return request_body(self.cfg, self.model, messages, schema, JUDGE_VERSION)

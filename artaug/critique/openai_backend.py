@@ -30,15 +30,16 @@ class EndpointError(RuntimeError):
     """The endpoint refused or failed after every retry."""
 
 
-def request_body(cfg: CritiqueConfig, model: str, image_url: str, prompt: str, box_max: int) -> dict:
+def request_body(cfg: CritiqueConfig, model: str, messages: list[dict], schema: dict, name: str) -> dict:
+    """A chat completion request whose answer the server must constrain to `schema`."""
     return {
         "model": model,
-        "messages": chat_messages(image_url, prompt, cfg.box_format),
+        "messages": messages,
         "max_tokens": cfg.max_tokens,
         "temperature": cfg.temperature,
         "response_format": {
             "type": "json_schema",
-            "json_schema": {"name": SCHEMA_VERSION, "schema": critique_schema(box_max), "strict": True},
+            "json_schema": {"name": name, "schema": schema, "strict": True},
         },
     }
 
@@ -97,9 +98,13 @@ class OpenAICritic:
             results = list(pool.map(self._one, rows))
         return answers_table(rows, results, self.model)
 
+    def _body(self, row: dict) -> dict:
+        messages = chat_messages(row["image_url"], row["prompt"], self.cfg.box_format)
+        return request_body(self.cfg, self.model, messages, critique_schema(row["box_max"]), SCHEMA_VERSION)
+
     def _one(self, row: dict) -> tuple[str | None, str | None, float]:
         start = time.perf_counter()
-        body = request_body(self.cfg, self.model, row["image_url"], row["prompt"], row["box_max"])
+        body = self._body(row)
         try:
             return (
                 post_with_retries(self.session, self.url, body, self.cfg),

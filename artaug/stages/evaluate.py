@@ -22,14 +22,14 @@ import pyarrow as pa
 import ray
 
 from artaug import charts, stats, storage
-from artaug.cluster import cluster_has_gpus, init_ray
+from artaug.cluster import init_ray
 from artaug.config import RunConfig, to_yaml
 from artaug.judge import ORDERS, ask_judge, judge_rows, parse_judgement
 from artaug.models.synthesis import check_source
 from artaug.prompts import PromptSet
 from artaug.scorers.base import check_scorer_name
 from artaug.stages.generate import generate, read_stage
-from artaug.stages.scoring import ImageScorer, check_sources, score_columns, scored_schema
+from artaug.stages.scoring import check_sources, score_columns, score_images, scored_schema
 
 log = logging.getLogger(__name__)
 IMAGES = ("base", "lora")
@@ -160,21 +160,7 @@ def score_pairs(cfg: RunConfig, pairs: pa.Table, stage_dir: str) -> pa.Table:
     safety = cfg.safety if e.safety else None
     out_schema = scored_schema(PAIRS, e.scorers, IMAGES, safety is not None)
     ds = ray.data.from_arrow(pairs).repartition(max(1, min(pairs.num_rows, 2 * s.num_actors)))
-    ds = ds.map_batches(
-        ImageScorer,
-        fn_constructor_kwargs={
-            "scorers": s,
-            "names": e.scorers,
-            "safety": safety,
-            "image_columns": IMAGES,
-            "schema": out_schema,
-        },  # fmt: skip
-        batch_size=s.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
-        num_gpus=s.gpus_per_actor if s.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0),
-        num_cpus=s.cpus_per_actor,
-    )
+    ds = score_images(ds, s, e.scorers, safety, IMAGES, out_schema)
     storage.remove_tree(stage_dir)
     ds.drop_columns(list(IMAGES)).write_parquet(stage_dir)
     table = read_stage(stage_dir)

@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 import ray
 
 from artaug import schema, storage
-from artaug.cluster import cluster_has_gpus, init_ray
+from artaug.cluster import init_ray
 from artaug.config import FilterConfig, RunConfig
 from artaug.scorers.base import scorer_for_column
 from artaug.stages.generate import StageDoneError, read_stage
-from artaug.stages.scoring import ImageScorer, check_sources, scored_schema
+from artaug.stages.scoring import check_sources, score_images, scored_schema
 
 log = logging.getLogger(__name__)
 IMAGES = ("before", "after")
@@ -128,21 +128,7 @@ def filter_pairs(cfg: RunConfig, pairs: str, stage_dir: str, overwrite: bool = F
     s = cfg.scorers
     scored = scored_schema(schema.PAIR, names, IMAGES, safety is not None)
     ds = ray.data.read_parquet(source, file_extensions=["parquet"], schema=schema.PAIR)
-    ds = ds.repartition(max(1, 2 * s.num_actors)).map_batches(
-        ImageScorer,
-        fn_constructor_kwargs={
-            "scorers": s,
-            "names": names,
-            "safety": safety,
-            "image_columns": IMAGES,
-            "schema": scored,
-        },  # fmt: skip
-        batch_size=s.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
-        num_gpus=s.gpus_per_actor if s.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0),
-        num_cpus=s.cpus_per_actor,
-    )
+    ds = score_images(ds.repartition(max(1, 2 * s.num_actors)), s, names, safety, IMAGES, scored)
     ds = ds.map_batches(apply_decisions, fn_kwargs={"cfg": f}, batch_format="pyarrow")
     storage.remove_tree(stage_dir)
     ds.write_parquet(stage_dir)

@@ -101,3 +101,27 @@ class ImageScorer:
         for i, result in zip(kept, self.safety.check(images) if images else [], strict=True):
             rows[i].update({f"unsafe_{column}": result.unsafe, f"safety_margin_{column}": result.margin,
                             f"unsafe_concept_{column}": result.concept})  # fmt: skip
+
+
+def score_images(ds, scorers: ScorersConfig, names: list[str], safety, image_columns, schema: pa.Schema):
+    """`ds` with every image column scored by an ImageScorer actor pool sized from `scorers`."""
+    import ray
+
+    from artaug.cluster import cluster_has_gpus
+
+    gpus = scorers.gpus_per_actor if scorers.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
+    return ds.map_batches(
+        ImageScorer,
+        fn_constructor_kwargs={
+            "scorers": scorers,
+            "names": names,
+            "safety": safety,
+            "image_columns": image_columns,
+            "schema": schema,
+        },
+        batch_size=scorers.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=scorers.num_actors),
+        num_gpus=gpus,
+        num_cpus=scorers.cpus_per_actor,
+    )
