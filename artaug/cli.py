@@ -10,6 +10,7 @@ from importlib import resources
 
 from artaug import storage
 from artaug.config import ConfigError, RunConfig, describe, load_config, reference_markdown, to_yaml
+from artaug.hub import HubError
 
 log = logging.getLogger("artaug")
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as err:
-        if not isinstance(err, _user_facing_errors()):
+        # Cheap error types first: the full list imports every stage (seconds), and prefetch fails fast.
+        if not isinstance(err, (ConfigError, HubError)) and not isinstance(err, _user_facing_errors()):
             raise
         print(f"artaug: error: {err}", file=sys.stderr)
         return 2
@@ -120,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(srv)
     srv.set_defaults(func=cmd_serve)
 
+    prefetch = models_sub.add_parser(
+        "prefetch", help="download model weights into hub.cache_dir ahead of a run (then hub.offline=true)"
+    )
+    prefetch.add_argument(
+        "repos", nargs="*", metavar="REPO", help="hub ids (default: every model the config names)"
+    )
+    _config_options(prefetch)
+    prefetch.set_defaults(func=cmd_models_prefetch)
+
     convert = models_sub.add_parser("convert", help="rewrite a weights-only .pth/.pt as .safetensors")
     convert.add_argument("source", help="IN.pth or IN.pt (read with torch.load(weights_only=True) only)")
     convert.add_argument("target", help="OUT.safetensors")
@@ -150,7 +161,11 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> RunConfig:
-    return load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+    from artaug.hub import apply
+
+    cfg = load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+    apply(cfg.hub)
+    return cfg
 
 
 def cmd_config_show(args) -> int:
@@ -190,6 +205,23 @@ def cmd_models_convert(args) -> int:
         raise ScorerInputError(f"{args.target}: the target must end in .safetensors")
     count = convert_to_safetensors(args.source, args.target)
     print(f"{count} tensors written to {args.target}")
+    return 0
+
+
+def cmd_models_prefetch(args) -> int:
+    from artaug.hub import Fetch, ensure_online, models_of, prefetch
+
+    cfg = _load(args)
+    ensure_online(cfg.hub)  # fail fast, before anything heavy is imported
+    items = [Fetch("argument", repo) for repo in args.repos] or models_of(cfg)
+    if not items:
+        print("nothing to fetch: the configuration names no hub model")
+        return 0
+    for row in prefetch(items, cfg.hub):
+        size = row["bytes"] / 1e9
+        print(f"{row['repo']} ({row['field']}): {size:.2f} GB in {row['path']} ({row['seconds']} s)")
+    print("runs can read these offline: --set hub.offline=true" + (
+        f" --set hub.cache_dir={cfg.hub.cache_dir}" if cfg.hub.cache_dir else ""))  # fmt: skip
     return 0
 
 
@@ -383,6 +415,7 @@ def _generate_into(cfg: RunConfig, prompts, out: str, round_index: int, overwrit
 
 def _user_facing_errors() -> tuple[type[BaseException], ...]:
     """Errors reported as one line (no traceback); imported late so --help stays fast."""
+    from artaug.cluster import SharedStorageError
     from artaug.critique.server import CriticServerError
     from artaug.lora import LoraFileError
     from artaug.models.synthesis import ModelSourceError
@@ -402,6 +435,7 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
         ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError,
         EnhanceInputError, ServeSetupError, ScorerWeightsError, ScorerInputError, SafetyConfigError,
         FilterInputError, EvaluateInputError, PairsError, LoraFileError, CheckpointConflictError,
+        SharedStorageError,
     )  # fmt: skip
 
 

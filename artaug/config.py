@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -40,6 +41,21 @@ class RayConfig:
     """Object store size of a local Ray, in GiB."""
     include_dashboard: bool = False
     """Start the Ray dashboard with a local Ray."""
+    shared_filesystem: bool = False
+    """Local output paths are on a file system mounted at the same path on every node (NFS, EFS, ...)."""
+
+
+@dataclass
+class HubConfig:
+    cache_dir: str = ""
+    """Hugging Face cache `artaug models prefetch` fills and runs read (HF_HUB_CACHE); empty: HF's default."""
+    offline: bool = False
+    """Read model weights only from the cache, never the network (HF_HUB_OFFLINE=1); set after prefetch."""
+    connect_timeout_s: float = 10.0
+    """Seconds `artaug models prefetch` waits for the hub to answer before failing."""
+
+    def validate(self) -> None:
+        _check(self.connect_timeout_s > 0, "hub.connect_timeout_s", self.connect_timeout_s, "must be > 0")
 
 
 @dataclass
@@ -88,6 +104,8 @@ class GenerateConfig:
     """torch intra-op threads per actor (keep actors x threads <= cores on CPU)."""
     blocks: int = 0
     """Ray Data blocks the prompts are split into; 0 means 4 per actor."""
+    node_labels: list[str] = field(default_factory=list)
+    """Ray node labels ("key=value") generation and enhancement actors require; empty means any node."""
 
 
 @dataclass
@@ -226,6 +244,8 @@ class ServeConfig:
     """Most denoising steps a request may ask for."""
     max_prompt_chars: int = 2000
     """Longest prompt accepted, in characters."""
+    node_labels: list[str] = field(default_factory=list)
+    """Ray node labels ("key=value") model replicas require; empty means any node."""
 
     def validate(self) -> None:
         _check(bool(self.host.strip()), "serve.host", self.host, "must not be empty")
@@ -323,6 +343,8 @@ class ScorersConfig:
     """Device scorers run on: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda"."""
     cache_dir: str = "~/.cache/artaug"
     """Where "tiny" scorer models are built once and reused."""
+    node_labels: list[str] = field(default_factory=list)
+    """Ray node labels ("key=value") scoring actors require; empty means any node."""
 
     def validate(self) -> None:
         for name in ("batch_size", "num_actors", "torch_threads"):
@@ -529,6 +551,8 @@ class TrainConfig:
     """Ray Data actors that VAE-encode images and encode prompts into the latent cache."""
     encode_batch_size: int = 8
     """Pairs per encoding call within one latent-cache actor."""
+    node_labels: list[str] = field(default_factory=list)
+    """Ray node labels ("key=value") training workers and latent-cache actors require; empty: any node."""
 
     @property
     def phase_steps(self) -> list[tuple[str, int]]:
@@ -598,6 +622,8 @@ class RunConfig:
     """Prompt file for `artaug run`; empty uses the prompts shipped with the package."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster settings."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Where model weights are cached and whether runs may reach the hub (the token is never config)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Synthesis model (FLUX) settings."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -669,12 +695,25 @@ class RunConfig:
         self.train.validate()
         _check(r.object_store_gb > 0, "ray.object_store_gb", r.object_store_gb, "must be > 0")
         self.serve.validate()
+        self.hub.validate()
+        for section in ("generate", "scorers", "train", "serve"):
+            _check_labels(f"{section}.node_labels", getattr(self, section).node_labels)
         return self
 
 
 def _check(ok: bool, name: str, value: Any, problem: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {value!r} {problem}")
+
+
+# Kubernetes label syntax, which Ray's node labels follow: [prefix/]name=value.
+_LABEL_PART = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+_NODE_LABEL = re.compile(rf"^([a-z0-9.-]{{1,253}}/)?{_LABEL_PART}={_LABEL_PART}$")
+
+
+def _check_labels(name: str, labels: list[str]) -> None:
+    for item in labels:
+        _check(bool(_NODE_LABEL.match(item)), name, item, 'is not a node label "key=value"')
 
 
 # ---------------------------------------------------------------- loading and overrides

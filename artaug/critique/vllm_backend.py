@@ -35,6 +35,18 @@ def engine_settings(cfg: CritiqueConfig, on_gpu: bool) -> dict:
     return settings
 
 
+def engine_placement(cfg: CritiqueConfig, on_gpu: bool) -> dict:
+    """The placement group of one vLLM engine.
+
+    On GPUs: one bundle per tensor-parallel rank, all on one node (STRICT_PACK), so a 72B critic
+    with tensor_parallel_size 8 lands on an 8-GPU node and never spreads its ranks over single-GPU
+    nodes. On CPU: one CPU bundle (vLLM asks Ray for a GPU per engine unless told otherwise).
+    """
+    if not on_gpu:
+        return {"bundles": [{"CPU": 1}]}
+    return {"bundles": [{"GPU": 1, "CPU": 1}] * cfg.tensor_parallel_size, "strategy": "STRICT_PACK"}
+
+
 def vllm_critique(
     ds: ray.data.Dataset,
     cfg: CritiqueConfig,
@@ -63,8 +75,7 @@ def vllm_critique(
         tokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
         detokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
         runtime_env=None if on_gpu else {"env_vars": env},
-        # vLLM asks Ray for a GPU per engine unless told otherwise.
-        placement_group_config=None if on_gpu else {"bundles": [{"CPU": 1}]},
+        placement_group_config=engine_placement(cfg, on_gpu),
     )
     box_format, max_tokens, temperature = cfg.box_format, cfg.max_tokens, cfg.temperature
 

@@ -150,13 +150,14 @@ class ImageAPI:
 
 def build_app(cfg: RunConfig):
     """The application for `cfg`: model replicas with the configured resources and queues, one ingress."""
-    from artaug.cluster import cluster_has_gpus
+    from artaug.cluster import cluster_has_gpus, label_selector
 
     s = cfg.serve
     gpus = s.gpus_per_replica if s.gpus_per_replica >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     backpressure = {"retry_after_s": s.retry_after_s}
     model = serve.deployment(FluxModel, name="FluxModel").options(
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": gpus}
+        | ({"label_selector": label_selector(s.node_labels)} if s.node_labels else {}),
         autoscaling_config={
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from artaug import schema, storage
-from artaug.cluster import cluster_has_gpus, init_ray
+from artaug.cluster import cluster_has_gpus, init_ray, label_selector
 from artaug.config import RunConfig
 from artaug.models.synthesis import check_source, load_encoders
 
@@ -188,7 +188,7 @@ def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str) -> dict:
     check_source(cfg.model)
     total, excluded = eligible_pairs(pairs_dir)
     storage.remove_tree(cache_dir)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, output=cache_dir)
     t = cfg.train
     gpus = 1.0 if cluster_has_gpus() else 0.0
     start = time.perf_counter()
@@ -203,6 +203,7 @@ def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str) -> dict:
         compute=ray.data.ActorPoolStrategy(size=t.encode_actors),
         num_gpus=gpus,
         num_cpus=1,
+        label_selector=label_selector(t.node_labels),
     )
     # No global sort (a shuffle costs more than the encoding at small scale): each shard is sorted by
     # ids and readers order all rows by ids.

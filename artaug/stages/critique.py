@@ -162,7 +162,7 @@ def critique(cfg: RunConfig, images: str, stage_dir: str, overwrite: bool = Fals
     if storage.is_complete(stage_dir) and not overwrite:
         raise StageDoneError(f"{stage_dir} already holds a completed stage (use --overwrite)")
     model = critic_model(c) if c.backend == "vllm" else c.model
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, output=stage_dir)
     start = time.perf_counter()
     rows = source_rows(images)
     prepared = rows.map_batches(prepare, fn_kwargs={"cfg": c}, batch_format="pyarrow").materialize()

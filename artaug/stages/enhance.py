@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from artaug import schema, storage
-from artaug.cluster import cluster_has_gpus, init_ray
+from artaug.cluster import cluster_has_gpus, init_ray, label_selector
 from artaug.config import RunConfig
 from artaug.flux_loop import Job, Region, sample
 from artaug.images import png_bytes
@@ -171,7 +171,7 @@ def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str, overwri
         raise StageDoneError(f"{stage_dir} already holds a completed stage (use --overwrite)")
     critique_map = load_critiques(critique_dir)
     check_ids(read_stage(generate_dir, columns=list(IDS)).to_pylist(), critique_map)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, output=stage_dir)
     g = cfg.generate
     gpus = g.gpus_per_actor if g.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     start = time.perf_counter()
@@ -185,6 +185,7 @@ def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str, overwri
         compute=ray.data.ActorPoolStrategy(size=g.num_actors),
         num_gpus=gpus,
         num_cpus=g.cpus_per_actor,
+        label_selector=label_selector(g.node_labels),
     ).write_parquet(stage_dir)
     table = read_stage(stage_dir, columns=["prompt_id", "unchanged", "error"])
     errors = sum(1 for e in table.column("error").to_pylist() if e)

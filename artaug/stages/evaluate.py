@@ -110,7 +110,7 @@ def evaluate(cfg: RunConfig, loras: list[str], prompts: PromptSet, out: str, ove
 
         raise StageDoneError(f"{out} already holds an evaluation (use --overwrite)")
     storage.write_text(storage.join(out, "run.yaml"), to_yaml(lora_cfg))
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, output=out)
     start = time.perf_counter()
     for label, stage_cfg in (("base", base_cfg), ("lora", lora_cfg)):
         stage = storage.join(out, label, "generate")

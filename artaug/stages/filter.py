@@ -123,7 +123,7 @@ def filter_pairs(cfg: RunConfig, pairs: str, stage_dir: str, overwrite: bool = F
     if storage.is_complete(stage_dir) and not overwrite:
         raise StageDoneError(f"{stage_dir} already holds a completed stage (use --overwrite)")
     source = pair_source(pairs)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, output=stage_dir)
     start = time.perf_counter()
     s = cfg.scorers
     scored = scored_schema(schema.PAIR, names, IMAGES, safety is not None)

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from artaug import schema, storage
-from artaug.cluster import cluster_has_gpus, init_ray
+from artaug.cluster import cluster_has_gpus, init_ray, label_selector
 from artaug.config import RunConfig
 from artaug.flux_loop import Job, sample
 from artaug.images import png_bytes
@@ -139,7 +139,7 @@ def generate(
     if storage.is_complete(stage_dir) and not overwrite:
         raise StageDoneError(f"{stage_dir} already holds a completed stage (use --overwrite)")
     storage.remove_tree(stage_dir)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, output=stage_dir)
     g = cfg.generate
     gpus = g.gpus_per_actor if g.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     rows = _as_rows(prompts)
@@ -153,6 +153,7 @@ def generate(
         compute=ray.data.ActorPoolStrategy(size=g.num_actors),
         num_gpus=gpus,
         num_cpus=g.cpus_per_actor,
+        label_selector=label_selector(g.node_labels),
     )
     ds.write_parquet(stage_dir)
     seconds = time.perf_counter() - start

@@ -107,7 +107,7 @@ def score_images(ds, scorers: ScorersConfig, names: list[str], safety, image_col
     """`ds` with every image column scored by an ImageScorer actor pool sized from `scorers`."""
     import ray
 
-    from artaug.cluster import cluster_has_gpus
+    from artaug.cluster import cluster_has_gpus, label_selector
 
     gpus = scorers.gpus_per_actor if scorers.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     return ds.map_batches(
@@ -124,4 +124,5 @@ def score_images(ds, scorers: ScorersConfig, names: list[str], safety, image_col
         compute=ray.data.ActorPoolStrategy(size=scorers.num_actors),
         num_gpus=gpus,
         num_cpus=scorers.cpus_per_actor,
+        label_selector=label_selector(scorers.node_labels),
     )

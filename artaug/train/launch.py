@@ -21,7 +21,7 @@ import logging
 import time
 
 from artaug import storage
-from artaug.cluster import cluster_has_gpus, init_ray
+from artaug.cluster import cluster_has_gpus, init_ray, label_selector
 from artaug.config import RunConfig
 from artaug.lora import WEIGHT_NAME
 from artaug.models.synthesis import check_source
@@ -98,7 +98,7 @@ def fit(
     digest = config_hash(cfg, cache)
     checkpoints = storage.join(out, "checkpoints")
     _claim(checkpoints, digest)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, output=out)
     gpus = t.gpus_per_worker if t.gpus_per_worker >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     fs, path = storage.resolve(checkpoints)
     trainer = TorchTrainer(
@@ -114,6 +114,7 @@ def fit(
             num_workers=t.num_workers,
             use_gpu=gpus > 0,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})},
+            label_selector=label_selector(t.node_labels),
         ),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=RayRunConfig(

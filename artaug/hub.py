@@ -1,0 +1,147 @@
+"""Model weights from the Hugging Face hub: staged into a cache ahead of a run, then read offline.
+
+    artaug models prefetch --preset flux-dev --set hub.cache_dir=/mnt/shared/hf   # the config's models
+    artaug models prefetch black-forest-labs/FLUX.1-dev --set hub.cache_dir=/mnt/shared/hf
+
+The cache is any folder: shared storage mounted on every node (fetched once), or each node's local disk
+(fetched on each node, e.g. in a setup command). Runs with `hub.offline: true` read only from it. The
+token for gated models (FLUX.1-dev) is read by huggingface_hub from HF_TOKEN in the environment of
+the process that downloads (or from `hf auth login`); artaug never takes it as config, passes it
+through Ray, prints or writes it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from artaug.config import HubConfig, RunConfig
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+# Formats the loaders never read (TensorFlow, Flax, ONNX, single-file checkpoints): not worth the bytes.
+_UNUSED = [
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.onnx_data",
+    "*.ckpt",
+    "*.gguf",
+    "*.ot",
+    "flax_model*",
+    "tf_model*",
+]
+
+
+class HubError(RuntimeError):
+    """The hub cannot be reached, a model is gated or missing, or offline mode forbids fetching."""
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """One hub repository to stage, and which of its files."""
+
+    field: str
+    repo: str
+    revision: str | None = None
+    allow: tuple[str, ...] | None = None
+
+
+def apply(hub: HubConfig) -> None:
+    """Point this process (and, through artaug.cluster, its Ray workers) at the configured cache."""
+    if hub.cache_dir:
+        os.environ["HF_HUB_CACHE"] = os.path.expanduser(hub.cache_dir)
+    if hub.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def models_of(cfg: RunConfig) -> list[Fetch]:
+    """Every hub repository the configuration loads (local folders and "tiny" are left out)."""
+    from artaug.models.synthesis import looks_local
+
+    c, s = cfg.critique, cfg.scorers
+    # A diffusers pipeline's weights live in component folders; the top-level files of FLUX.1-dev are
+    # a second, single-file copy of the same weights (~24 GB) that from_pretrained never reads.
+    wanted = [
+        Fetch("model.source", cfg.model.source, cfg.model.revision or None, ("model_index.json", "*/*"))
+    ]
+    if c.backend != "heuristic":
+        wanted.append(Fetch("critique.model", c.model))
+    wanted += [Fetch(f"scorers.{name}", getattr(s, name)) for name in ("clip", "siglip", "preference")]
+    # Only the tokenizer and image processor are read from preference_processor.
+    wanted.append(Fetch("scorers.preference_processor", s.preference_processor, allow=("*.json", "*.txt")))
+    wanted.append(Fetch("safety.model", cfg.safety.model))
+    if cfg.evaluate.judge:
+        wanted.append(Fetch("evaluate.judge_model", cfg.evaluate.judge_model))
+    unique, seen = [], set()
+    for item in wanted:
+        if item.repo and item.repo != "tiny" and not looks_local(item.repo) and item.repo not in seen:
+            seen.add(item.repo)
+            unique.append(item)
+    return unique
+
+
+def check_reachable(timeout_s: float) -> str:
+    """The hub endpoint, once it answers; HubError at once when it cannot be reached in time."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or type(err).__name__
+        raise HubError(
+            f"cannot reach {endpoint} within {timeout_s:g} s ({reason}): prefetch needs network access"
+            " to the hub; on a machine without it, copy a cache prefetched elsewhere into hub.cache_dir"
+        ) from None
+    return endpoint
+
+
+def ensure_online(hub: HubConfig) -> None:
+    """HubError unless fetching is allowed and the hub answers within hub.connect_timeout_s."""
+    if hub.offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise HubError("offline mode is on (hub.offline or HF_HUB_OFFLINE): prefetch needs the network")
+    check_reachable(hub.connect_timeout_s)
+
+
+def prefetch(items: list[Fetch], hub: HubConfig) -> list[dict]:
+    """Download each repository's files into the cache (resuming partial downloads); one dict per repo."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    ensure_online(hub)
+    cache = os.path.expanduser(hub.cache_dir) if hub.cache_dir else None
+    done = []
+    for item in items:
+        start = time.perf_counter()
+        try:
+            path = snapshot_download(
+                item.repo,
+                revision=item.revision,
+                cache_dir=cache,
+                allow_patterns=list(item.allow) if item.allow else None,
+                ignore_patterns=_UNUSED,
+                etag_timeout=hub.connect_timeout_s,
+            )
+        except GatedRepoError:
+            raise HubError(
+                f"{item.field}: {item.repo} is gated: accept its licence at {DEFAULT_ENDPOINT}/{item.repo}"
+                " with your account, then put a read token in HF_TOKEN in this node's environment"
+            ) from None
+        except RepositoryNotFoundError:
+            raise HubError(f"{item.field}: {item.repo} is not a hub repository (or needs a token)") from None
+        except (HfHubHTTPError, OSError) as err:
+            raise HubError(f"{item.field}: fetching {item.repo} failed: {type(err).__name__}") from None
+        size = sum(f.stat().st_size for f in _files(path))
+        done.append({"field": item.field, "repo": item.repo, "path": path, "bytes": size,
+                     "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+    return done
+
+
+def _files(folder: str):
+    from pathlib import Path
+
+    return [p for p in Path(folder).rglob("*") if p.is_file()]
