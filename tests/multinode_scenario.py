@@ -57,14 +57,14 @@ def written_rows(stage_dir: str) -> int:
     return total
 
 
-def generator_nodes() -> set[str]:
-    """Nodes where generation actors of this job ran (alive or dead)."""
+def generator_nodes(since_ms: float = 0) -> set[str]:
+    """Nodes where generation actors started since `since_ms` (epoch ms) ran, alive or dead."""
     from ray._private import state  # the GCS actor table: needs no dashboard
 
     return {
         info["Address"]["NodeID"]
         for info in state.actors().values()
-        if GENERATOR in info["ActorClassName"] and info["Address"]["NodeID"]
+        if GENERATOR in info["ActorClassName"] and info["Address"]["NodeID"] and info["StartTime"] >= since_ms
     }
 
 
@@ -129,7 +129,8 @@ def main(workdir: str) -> dict:
     group = ray.util.placement_group(**engine_placement(cfg72, on_gpu=True))
     ray.get(group.ready(), timeout=60)
     table = ray.util.placement_group_table(group)
-    report["critic_bundles"] = sorted({node_type.get(n, "unknown") for n in table["bundles_to_node_id"].values()})
+    bundle_nodes = table["bundles_to_node_id"].values()
+    report["critic_bundles"] = sorted({node_type.get(n, "unknown") for n in bundle_nodes})
     report["critic_strategy"] = table["strategy"]
     ray.util.remove_placement_group(group)
 
@@ -147,6 +148,7 @@ def main(workdir: str) -> dict:
         except BaseException as err:  # noqa: BLE001 - reported to the test
             outcome["error"] = repr(err)
 
+    loss_start_ms = time.time() * 1000
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     deadline = time.monotonic() + 240
@@ -157,8 +159,9 @@ def main(workdir: str) -> dict:
     cluster.add_node(**GPU_NODE)  # added from the main thread, as Cluster requires
     worker.join(timeout=max(1.0, deadline - time.monotonic()))
     report["node_loss"] = {"finished": not worker.is_alive(), **outcome}
+    names = {**node_type, gpu_b.node_id: "lost"}
     report["node_loss"]["generator_nodes"] = sorted(
-        "lost" if n == gpu_b.node_id else node_type.get(n, "replacement") for n in generator_nodes()
+        names.get(n, "replacement") for n in generator_nodes(loss_start_ms)
     )
     if "summary" in outcome:
         ids = read_stage(lost_dir, columns=["prompt_id", "image"]).to_pydict()

@@ -1,0 +1,137 @@
+"""`ray job submit` against a real local Ray head, as a user submits to a cluster.
+
+The head is this test's own: its own temp dir, ports and auth token, started with `ray start --head
+--block` in a new process group and stopped by signalling that group (never `ray stop`, which stops
+every Ray on the machine). The job writes to the moto S3 server on loopback; a made-up HF_TOKEN in
+the head's environment (as on a real node) must reach the job without ever being written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from artaug import storage
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class LocalHead:
+    """A Ray head in its own process group, temp dir and ports; stop() ends exactly its processes."""
+
+    def __init__(self, env: dict):
+        # Short: Ray's Unix socket paths live under it and are limited to ~107 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="artaug-job-", dir="/tmp")
+        self.dashboard_port = free_port()
+        ports = {
+            "--port": free_port(),
+            "--dashboard-port": self.dashboard_port,
+            "--ray-client-server-port": free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+        }
+        low = free_port()
+        command = [RAY, "start", "--head", "--block", f"--temp-dir={self.temp_dir}", "--num-cpus=4",
+                   "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                   f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
+                   *(f"{flag}={port}" for flag, port in ports.items())]  # fmt: skip
+        self.log = open(os.path.join(self.temp_dir, "head.out"), "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_ready(self, env: dict, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited: {Path(self.log.name).read_text()[-2000:]}")
+            probe = subprocess.run([RAY, "job", "list", "--address", self.address], env=env,
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+            if probe.returncode == 0:
+                return
+            time.sleep(2)
+        raise TimeoutError("the Ray head's job server did not come up")
+
+    def stop(self) -> None:
+        """SIGTERM to the head's process group, SIGKILL to what is left of it after 20 s."""
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.mark.slow
+def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket):
+    hf_token = "hf_" + secrets.token_hex(16)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    # The node's environment: the venv's python first (as the image's), the token, S3 settings.
+    node_env = base | auth | {"PATH": f"{Path(sys.executable).parent}:{base['PATH']}", "HF_TOKEN": hf_token}
+    client_env = base | auth
+    storage.write_text(f"{s3_bucket}/job/prompts.txt", "a red kite over the sea\na blue door in a wall\n")
+    out = f"{s3_bucket}/job/run-1"
+    head = LocalHead(node_env)
+    try:
+        head.wait_ready(client_env)
+        start = time.perf_counter()
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", head.address, "--working-dir", str(REPO),
+             "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
+             "python", "-m", "artaug.cli", "run", "--config", "jobs/tiny.yaml",
+             "--set", f"prompts={s3_bucket}/job/prompts.txt", "--out", out],
+            env=client_env, capture_output=True, text=True, timeout=600, cwd=REPO,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        jobs = subprocess.run([RAY, "job", "list", "--address", head.address], env=client_env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        head.stop()
+    output = submit.stdout + submit.stderr
+    assert submit.returncode == 0, output[-4000:]
+    assert "succeeded" in output, output[-4000:]
+    print(f"job finished in {seconds:.1f} s")
+
+    # The run directory on S3: what today's loop writes, and what the full loop keeps writing.
+    assert storage.exists(f"{out}/run.yaml")
+    summary = storage.read_summary(f"{out}/round-1/generate")
+    assert (summary["rows"], summary["images"], summary["errors"]) == (2, 2, 0)
+    assert storage.is_complete(f"{out}/round-1/critique")
+
+    # The token reached the job's environment (the head's env is the node's) but nothing kept it:
+    # not the job's logs, its runtime_env listing, the run directory, or any of Ray's own logs.
+    assert hf_token not in output
+    assert hf_token not in jobs.stdout and "HF_TOKEN" not in jobs.stdout
+    fs, prefix = storage.resolve(out)
+    import pyarrow.fs as pafs
+
+    written = [info.path for info in fs.get_file_info(pafs.FileSelector(prefix, recursive=True)) if info.is_file]
+    assert written
+    for path in written:
+        with fs.open_input_stream(path) as f:
+            assert hf_token.encode() not in f.read(), path
+    for log in Path(head.temp_dir).rglob("*"):
+        if log.is_file() and not log.is_symlink():
+            assert hf_token.encode() not in log.read_bytes(), log
