@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +47,8 @@ class LocalHead:
         }
         low = free_port()
         command = [RAY, "start", "--head", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
-                   "--num-cpus=4", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                   "--num-cpus=4", "--num-gpus=0", "--object-store-memory=500000000",
+                   "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                    f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
                    *(f"{flag}={port}" for flag, port in ports.items())]  # fmt: skip
         self.log = open(os.path.join(self.temp_dir, "head.out"), "w")  # noqa: SIM115 - closed in stop()
@@ -93,6 +95,7 @@ def start_head(node_env: dict, client_env: dict, attempts: int = 3) -> LocalHead
             return head
         except (RuntimeError, TimeoutError):
             head.stop()
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
@@ -152,3 +155,4 @@ def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket
     for log in Path(head.temp_dir).rglob("*"):
         if log.is_file() and not log.is_symlink():
             assert hf_token.encode() not in log.read_bytes(), log
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
