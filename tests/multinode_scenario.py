@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
@@ -80,7 +82,8 @@ def device_probe() -> dict:
 
 def main(workdir: str) -> dict:
     report: dict = {}
-    temp_dir = os.path.join(workdir, "ray")
+    # Short: Ray's Unix socket paths live under it and are limited to 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="artaug-mn-", dir="/tmp")
     start = time.perf_counter()
     cluster = Cluster(
         initialize_head=True,
@@ -169,6 +172,7 @@ def main(workdir: str) -> dict:
         report["node_loss"]["with_image"] = sum(1 for image in ids["image"] if image)
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
     return report
 
 

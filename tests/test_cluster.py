@@ -136,13 +136,18 @@ def test_a_local_output_passes_on_this_one_node_ray(ray_local, tmp_path):
     init_ray(RayConfig(), output=str(tmp_path / "out"))  # the session's Ray: one node
 
 
-def test_shared_storage_error_is_one_line_before_ray_starts(tmp_path, prompt_file, capsys):
-    # A remote address is known to be another machine before anything connects.
-    code = cli.main(["generate", "--prompts", prompt_file, "--out", str(tmp_path / "g"),
-                     "--set", "ray.address=ray://10.255.255.1:10001"])  # fmt: skip
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("artaug: error: ") and err.count("\n") == 1
-    assert "ray.shared_filesystem=true" in err
+def test_shared_storage_error_is_one_line_before_ray_starts(tmp_path, prompt_file):
+    # A remote address is known to be another machine before anything connects (its own process:
+    # this session's Ray is already up, and an initialised Ray is what init_ray checks then).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "artaug.cli", "generate", "--prompts", prompt_file,
+         "--out", str(tmp_path / "g"), "--set", "ray.address=ray://10.255.255.1:10001"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("artaug: error: ") and done.stderr.count("\n") == 1
+    assert "Ray runs elsewhere (ray://10.255.255.1:10001)" in done.stderr
+    assert "ray.shared_filesystem=true" in done.stderr and not (tmp_path / "g" / "generate").exists()
 
 
 def test_job_env_vars_are_not_set_twice(monkeypatch):
