@@ -59,15 +59,20 @@ def written_rows(stage_dir: str) -> int:
     return total
 
 
-def generator_nodes(since_ms: float = 0) -> set[str]:
-    """Nodes where generation actors started since `since_ms` (epoch ms) ran, alive or dead."""
-    from ray._private import state  # the GCS actor table: needs no dashboard
+def generators(since_ms: float = 0) -> list[dict]:
+    """Generation actors started since `since_ms` (epoch ms), alive or dead, from the GCS actor table
+    (needs no dashboard). A restarted actor reports the node it runs on now."""
+    from ray._private import state
 
-    return {
-        info["Address"]["NodeID"]
+    return [
+        info
         for info in state.actors().values()
         if GENERATOR in info["ActorClassName"] and info["Address"]["NodeID"] and info["StartTime"] >= since_ms
-    }
+    ]
+
+
+def generator_nodes(since_ms: float = 0) -> set[str]:
+    return {info["Address"]["NodeID"] for info in generators(since_ms)}
 
 
 @ray.remote
@@ -104,7 +109,7 @@ def main(workdir: str) -> dict:
     }
     prompts_path = os.path.join(workdir, "prompts.txt")
     with open(prompts_path, "w") as f:
-        f.write("\n".join(f"a lighthouse number {i}" for i in range(24)) + "\n")
+        f.write("\n".join(f"a lighthouse number {i}" for i in range(8)) + "\n")
     prompts = read_prompts(prompts_path)
 
     # 1. A node-local output on a cluster of several nodes is refused before any work starts.
@@ -139,14 +144,15 @@ def main(workdir: str) -> dict:
 
     # 4. A gpu node is lost after some rows are written; the autoscaler's replacement joins.
     lost_dir = os.path.join(workdir, "node-loss", "generate")
-    lost_prompts_path = os.path.join(workdir, "prompts-60.txt")
+    lost_prompts_path = os.path.join(workdir, "prompts-loss.txt")
     with open(lost_prompts_path, "w") as f:
-        f.write("\n".join(f"a quiet harbour number {i}" for i in range(60)) + "\n")
+        f.write("\n".join(f"a quiet harbour number {i}" for i in range(LOSS_ROWS)) + "\n")
     outcome: dict = {}
 
     def run() -> None:
         try:
-            cfg = config(**shared, **{"generate.blocks": 30})
+            # 8 steps: rows slow enough that the node goes while it still has work, even on an idle machine.
+            cfg = config(**shared, **{"generate.blocks": LOSS_ROWS // 2, "generate.steps": 8})
             outcome["summary"] = generate(cfg, read_prompts(lost_prompts_path), lost_dir)
         except BaseException as err:  # noqa: BLE001 - reported to the test
             outcome["error"] = repr(err)
@@ -162,10 +168,10 @@ def main(workdir: str) -> dict:
     cluster.add_node(**GPU_NODE)  # added from the main thread, as Cluster requires
     worker.join(timeout=max(1.0, deadline - time.monotonic()))
     report["node_loss"] = {"finished": not worker.is_alive(), **outcome}
-    names = {**node_type, gpu_b.node_id: "lost"}
     report["node_loss"]["generator_nodes"] = sorted(
-        names.get(n, "replacement") for n in generator_nodes(loss_start_ms)
+        node_type.get(n, "replacement") for n in generator_nodes(loss_start_ms)
     )
+    report["node_loss"]["actor_restarts"] = sum(info["NumRestarts"] for info in generators(loss_start_ms))
     if "summary" in outcome:
         ids = read_stage(lost_dir, columns=["prompt_id", "image"]).to_pydict()
         report["node_loss"]["ids"] = ids["prompt_id"]
@@ -176,7 +182,8 @@ def main(workdir: str) -> dict:
     return report
 
 
-REMOVE_AFTER_ROWS = 12
+LOSS_ROWS = 40
+REMOVE_AFTER_ROWS = 10
 
 if __name__ == "__main__":
     print("SCENARIO " + json.dumps(main(sys.argv[1])), flush=True)

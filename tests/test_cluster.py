@@ -145,8 +145,9 @@ def test_shared_storage_error_is_one_line_before_ray_starts(tmp_path, prompt_fil
          "--out", str(tmp_path / "g"), "--set", "ray.address=ray://10.255.255.1:10001"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert done.returncode == 2 and done.stderr.startswith("artaug: error: ") and done.stderr.count("\n") == 1
-    assert "Ray runs elsewhere (ray://10.255.255.1:10001)" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("artaug: error: ")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr
+    assert "Ray runs elsewhere (ray://10.255.255.1:10001)" in errors[0]
     assert "ray.shared_filesystem=true" in done.stderr and not (tmp_path / "g" / "generate").exists()
 
 
@@ -250,17 +251,18 @@ def test_stages_on_a_simulated_multi_node_cluster(tmp_path):
     assert "the Ray cluster has 4 nodes" in report["refused"] and not report["refused_dir_exists"]
     # Generation actors asked for a logical GPU on gpu-labelled nodes: they ran on both gpu nodes,
     # never on the head or the 8-GPU critic node, and computed on the CPU (torch sees no CUDA).
-    assert report["placed"]["summary"] == {"rows": 24, "images": 24, "errors": 0}
+    assert report["placed"]["summary"] == {"rows": 8, "images": 8, "errors": 0}
     assert report["placed"]["node_types"] == ["gpu", "gpu"]
     probe = report["probe"]
     assert probe["ray_gpu_ids"] == ["0"] and probe["cuda_visible_devices"] == "0"
     assert probe["device"] == "cpu" and probe["node_type"] == "gpu"
     # The 72B critic's 8 ranks: all on the critic node.
     assert report["critic_bundles"] == ["critic"] and report["critic_strategy"] == "STRICT_PACK"
-    # A gpu node removed after 12 rows were written: every row once, none lost.
+    # A gpu node removed after 10 of 40 rows were written: every row once, none lost. Its actor
+    # died with it and restarted on the replacement node.
     loss = report["node_loss"]
-    assert report["rows_written_at_removal"] >= 12
+    assert 10 <= report["rows_written_at_removal"] < 40
     assert loss["finished"] and "error" not in loss, loss.get("error")
-    assert loss["ids"] == [f"p{i:06d}" for i in range(60)]
-    assert loss["with_image"] == 60 and loss["summary"]["rows"] == 60
-    assert "lost" in loss["generator_nodes"]  # the removed node was doing generation work
+    assert loss["ids"] == [f"p{i:06d}" for i in range(40)]
+    assert loss["with_image"] == 40 and loss["summary"]["rows"] == 40
+    assert loss["actor_restarts"] >= 1 and "replacement" in loss["generator_nodes"]
