@@ -61,7 +61,7 @@ def written_rows(stage_dir: str) -> int:
 
 def generators(since_ms: float = 0) -> list[dict]:
     """Generation actors started since `since_ms` (epoch ms), alive or dead, from the GCS actor table
-    (needs no dashboard). A restarted actor reports the node it runs on now."""
+    (needs no dashboard)."""
     from ray._private import state
 
     return [
@@ -168,10 +168,13 @@ def main(workdir: str) -> dict:
     cluster.add_node(**GPU_NODE)  # added from the main thread, as Cluster requires
     worker.join(timeout=max(1.0, deadline - time.monotonic()))
     report["node_loss"] = {"finished": not worker.is_alive(), **outcome}
-    report["node_loss"]["generator_nodes"] = sorted(
-        node_type.get(n, "replacement") for n in generator_nodes(loss_start_ms)
-    )
-    report["node_loss"]["actor_restarts"] = sum(info["NumRestarts"] for info in generators(loss_start_ms))
+    # The pool's actors of this stage: the node each ran on last ("lost" is the removed one) and how
+    # often it was restarted.
+    names = {**node_type, gpu_b.node_id: "lost"}
+    report["node_loss"]["actors"] = [
+        {"node": names.get(info["Address"]["NodeID"], "replacement"), "restarts": info["NumRestarts"]}
+        for info in generators(loss_start_ms)
+    ]
     if "summary" in outcome:
         ids = read_stage(lost_dir, columns=["prompt_id", "image"]).to_pydict()
         report["node_loss"]["ids"] = ids["prompt_id"]
