@@ -9,6 +9,7 @@ import time
 from importlib import resources
 
 from artaug import storage
+from artaug.cli_lora import add_commands as add_lora_commands
 from artaug.config import ConfigError, RunConfig, describe, load_config, reference_markdown, to_yaml
 from artaug.hub import HubError
 
@@ -135,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="IN.pth or IN.pt (read with torch.load(weights_only=True) only)")
     convert.add_argument("target", help="OUT.safetensors")
     convert.set_defaults(func=cmd_models_convert)
+
+    add_lora_commands(commands)  # fuse, lora combine | export
 
     config = commands.add_parser("config", help="show the resolved configuration or its fields")
     config_sub = config.add_subparsers(title="config commands", required=True, metavar="COMMAND")

@@ -1,5 +1,6 @@
 """LoRA files: write them in the layout diffusers' `FluxPipeline.load_lora_weights` reads, with our
 metadata; check a file's keys against the model before loading it; fuse one into a bare transformer.
+Combining rounds and fusing to a folder: `artaug.lora_algebra`; kohya / ComfyUI keys: `artaug.lora_export`.
 
 A file we write holds the transformer's `lora_A` / `lora_B` weights under diffusers' key names, the
 peft adapter config (so loaders apply alpha / rank, not 1) under diffusers' metadata key, and our
@@ -115,3 +116,13 @@ def _local(path: str) -> str:
     with handle:
         handle.write(storage.read_bytes(path))
     return handle.name
+
+
+# Algebra across rounds and other key layouts live in their own modules; importable from here too.
+from artaug.lora_algebra import combine, fuse_to_folder, lora_layers, read_factors  # noqa: E402
+from artaug.lora_export import export  # noqa: E402
+
+__all__ = [
+    "WEIGHT_NAME", "METADATA_KEY", "LoraFileError", "save_lora", "read_metadata", "check_fits",
+    "fuse_into_transformer", "combine", "fuse_to_folder", "lora_layers", "read_factors", "export",
+]  # fmt: skip
