@@ -160,21 +160,31 @@ def main(workdir: str) -> dict:
     loss_start_ms = time.time() * 1000
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
+    gpu_nodes = {gpu_a.node_id: gpu_a, gpu_b.node_id: gpu_b}
+
+    def working_nodes() -> list[str]:
+        """gpu nodes where this stage's actors are alive now (earlier stages' actors may linger)."""
+        alive = generators(loss_start_ms)
+        return [
+            i["Address"]["NodeID"]
+            for i in alive
+            if i["State"] == "ALIVE" and i["Address"]["NodeID"] in gpu_nodes
+        ]
+
     deadline = time.monotonic() + 240
-    while written_rows(lost_dir) < REMOVE_AFTER_ROWS and worker.is_alive() and time.monotonic() < deadline:
+    while worker.is_alive() and time.monotonic() < deadline:
+        if written_rows(lost_dir) >= REMOVE_AFTER_ROWS and working_nodes():
+            break
         time.sleep(0.2)
     report["rows_written_at_removal"] = written_rows(lost_dir)
-    cluster.remove_node(gpu_b, allow_graceful=False)
+    # The node to lose is one where an actor of the stage is working right now.
+    victim = gpu_nodes[(working_nodes() or [gpu_b.node_id])[0]]
+    names = {**node_type, victim.node_id: "lost"}
+    report["actors_at_removal"] = sorted(names.get(n, "unknown") for n in working_nodes())
+    cluster.remove_node(victim, allow_graceful=False)
     cluster.add_node(**GPU_NODE)  # added from the main thread, as Cluster requires
     worker.join(timeout=max(1.0, deadline - time.monotonic()))
     report["node_loss"] = {"finished": not worker.is_alive(), **outcome}
-    # The pool's actors of this stage: the node each ran on last ("lost" is the removed one) and how
-    # often it was restarted.
-    names = {**node_type, gpu_b.node_id: "lost"}
-    report["node_loss"]["actors"] = [
-        {"node": names.get(info["Address"]["NodeID"], "replacement"), "restarts": info["NumRestarts"]}
-        for info in generators(loss_start_ms)
-    ]
     if "summary" in outcome:
         ids = read_stage(lost_dir, columns=["prompt_id", "image"]).to_pydict()
         report["node_loss"]["ids"] = ids["prompt_id"]

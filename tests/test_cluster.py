@@ -258,13 +258,11 @@ def test_stages_on_a_simulated_multi_node_cluster(tmp_path):
     assert probe["device"] == "cpu" and probe["node_type"] == "gpu"
     # The 72B critic's 8 ranks: all on the critic node.
     assert report["critic_bundles"] == ["critic"] and report["critic_strategy"] == "STRICT_PACK"
-    # A gpu node removed after 10 of 40 rows were written: every row once, none lost. The pool's two
-    # actors held both gpu nodes' GPUs, so one of them was on the removed node: it shows as "lost",
-    # as restarted, or on the replacement node, depending on when the GCS last saw it.
+    # A gpu node removed after 10 of 40 rows were written, while one of the stage's two actors ran
+    # on it: every row once, none lost.
     loss = report["node_loss"]
     assert 10 <= report["rows_written_at_removal"] < 40
     assert loss["finished"] and "error" not in loss, loss.get("error")
     assert loss["ids"] == [f"p{i:06d}" for i in range(40)]
     assert loss["with_image"] == 40 and loss["summary"]["rows"] == 40
-    actors = loss["actors"]
-    assert any(a["node"] in ("lost", "replacement") or a["restarts"] for a in actors), actors
+    assert "lost" in report["actors_at_removal"], report["actors_at_removal"]
