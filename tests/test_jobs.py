@@ -33,19 +33,27 @@ class LocalHead:
     def __init__(self, env: dict):
         # Short: Ray's Unix socket paths live under it and are limited to ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="artaug-job-", dir="/tmp")
-        self.dashboard_port = free_port()
+        low = free_port()  # workers take ports from [low, low + 200): no other component may
+        taken = set(range(low, low + 201))
+
+        def port() -> int:
+            while (chosen := free_port()) in taken:
+                pass
+            taken.add(chosen)
+            return chosen
+
+        self.dashboard_port = port()
         ports = {
-            "--port": free_port(),
+            "--port": port(),
             "--dashboard-port": self.dashboard_port,
-            "--ray-client-server-port": free_port(),
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--metrics-export-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
+            "--ray-client-server-port": port(),
+            "--node-manager-port": port(),
+            "--object-manager-port": port(),
+            "--metrics-export-port": port(),
+            "--dashboard-agent-listen-port": port(),
+            "--dashboard-agent-grpc-port": port(),
+            "--runtime-env-agent-port": port(),
         }
-        low = free_port()
         command = [RAY, "start", "--head", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
                    "--num-cpus=4", "--num-gpus=0", "--object-store-memory=500000000",
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -72,16 +80,16 @@ class LocalHead:
 
     def stop(self) -> None:
         """SIGTERM to the head's process group, SIGKILL to what is left of it after 20 s."""
-        group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        group = self.process.pid  # start_new_session: the group id is the leader's pid
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:  # the whole group is gone already
+                break
+            try:
+                self.process.wait(timeout=wait_s or None)
+            except subprocess.TimeoutExpired:
+                pass
         self.process.wait(timeout=10)
         self.log.close()
 
