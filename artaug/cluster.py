@@ -23,6 +23,7 @@ def init_ray(cfg: RayConfig) -> None:
     runtime_env = {"env_vars": dict(_WORKER_ENV)}
     if cfg.address == "local":
         ray.init(
+            address="local",  # private: without it Ray joins a cluster another process started here
             num_cpus=cfg.num_cpus,
             object_store_memory=int(cfg.object_store_gb * 2**30),
             include_dashboard=cfg.include_dashboard,
