@@ -1,7 +1,7 @@
 """The method check: does a LoRA trained on (before, after) pairs move the model's own images toward the
 enhancement, on prompts and seeds it never saw, and how much else does it change?
 
-    python benchmarks/method_check.py                      # defaults below, ~15 min on 2 busy cores
+    python benchmarks/method_check.py                      # defaults below, ~6 min on 2 busy cores
     python benchmarks/method_check.py --seeds 0 --steps 60 # a quick look
 
 Set-up (all tiny, all on CPU, nothing downloaded):
