@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny = models_sub.add_parser("build-tiny", help="build and save the tiny random FLUX pipeline")
     tiny.add_argument("dir", help="folder to save the pipeline into")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed")
+    tiny.add_argument("--vae", choices=["kl", "patch"], default="kl", help="patch: keeps colours")
+    tiny.add_argument("--pretrain-steps", type=int, default=0, help="pretrain on drawn, captioned shapes")
     tiny.set_defaults(func=cmd_build_tiny)
     tiny_vlm = models_sub.add_parser("build-tiny-vlm", help="build and save the tiny random Qwen2-VL")
     tiny_vlm.add_argument("dir", help="folder to save the model into")
@@ -178,7 +180,7 @@ def cmd_config_fields(args) -> int:
 def cmd_build_tiny(args) -> int:
     from artaug.models.tiny import save_tiny_flux
 
-    save_tiny_flux(args.dir, seed=args.seed)
+    save_tiny_flux(args.dir, seed=args.seed, vae=args.vae, pretrain_steps=args.pretrain_steps)
     print(f"tiny FLUX pipeline saved to {args.dir}")
     return 0
 

@@ -469,7 +469,9 @@ class EvaluateConfig:
 @dataclass
 class TrainConfig:
     mode: str = "differential"
-    """"differential": LoRA-1 on before images, merged, LoRA-2 on after images (kept); "direct": after only"""
+    """"differential" (LoRA-1 on before, merged; LoRA-2 on after, kept), "direct" or "pairwise-average"."""
+    subsets: int = 4
+    """pairwise-average: differential runs on this many disjoint pair subsets; LoRA-2 deltas averaged."""
     steps: int = 500
     """Optimizer steps of the phase whose LoRA is kept (LoRA-2, on the after images)."""
     before_steps: int = -1
@@ -538,9 +540,9 @@ class TrainConfig:
         return [("before", self.steps if self.before_steps < 0 else self.before_steps), ("after", self.steps)]
 
     def validate(self) -> None:
-        _check(
-            self.mode in ("differential", "direct"), "train.mode", self.mode, "must be differential or direct"
-        )
+        modes = ("differential", "direct", "pairwise-average")
+        _check(self.mode in modes, "train.mode", self.mode, f"must be one of {', '.join(modes)}")
+        _check(self.subsets >= 1, "train.subsets", self.subsets, "must be >= 1")
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
         _check(
             self.before_steps == -1 or self.before_steps >= 1,
