@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Each builds .venv from the project's own files first
 # (scripts/install.sh is idempotent: a second run takes seconds).
-.PHONY: install run test bench lint
+.PHONY: install run test bench lint method-check
 
 install:
 	bash scripts/install.sh
@@ -16,3 +16,6 @@ bench: install
 
 lint: install
 	.venv/bin/ruff check artaug tests benchmarks && .venv/bin/ruff format --check artaug tests benchmarks
+
+method-check: install
+	.venv/bin/python benchmarks/method_check.py

@@ -39,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the ArtAug job (default: tiny preset, local Ray)")
     _config_options(run)
     run.add_argument("--out", help="run directory (default: <output_root>/<name>-<timestamp>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
     run.set_defaults(func=cmd_run)
+
+    rep = commands.add_parser("report", help="write RUN_DIR/report/index.html (also done by every run)")
+    rep.add_argument("run_dir", help="run directory of `artaug run`")
+    rep.set_defaults(func=cmd_report)
 
     gen = commands.add_parser("generate", help="generate images from a prompt file")
     gen.add_argument("--prompts", required=True, help=".txt, .jsonl, .csv or .parquet; path or URI")
@@ -107,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny = models_sub.add_parser("build-tiny", help="build and save the tiny random FLUX pipeline")
     tiny.add_argument("dir", help="folder to save the pipeline into")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed")
+    tiny.add_argument("--vae", choices=["kl", "patch"], default="kl", help="patch: keeps colours")
+    tiny.add_argument("--pretrain-steps", type=int, default=0, help="pretrain on drawn, captioned shapes")
     tiny.set_defaults(func=cmd_build_tiny)
     tiny_vlm = models_sub.add_parser("build-tiny-vlm", help="build and save the tiny random Qwen2-VL")
     tiny_vlm.add_argument("dir", help="folder to save the model into")
@@ -188,7 +195,7 @@ def cmd_config_fields(args) -> int:
 def cmd_build_tiny(args) -> int:
     from artaug.models.tiny import save_tiny_flux
 
-    save_tiny_flux(args.dir, seed=args.seed)
+    save_tiny_flux(args.dir, seed=args.seed, vae=args.vae, pretrain_steps=args.pretrain_steps)
     print(f"tiny FLUX pipeline saved to {args.dir}")
     return 0
 
@@ -361,23 +368,39 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The main job. Today it runs the stages that exist (generate, critique, enhance) and says where
-    the output is."""
-    from artaug.prompts import read_prompts
+    """The main job: the whole loop (or the rest of it, with --resume), then the summary table."""
+    from artaug import pipeline
 
-    cfg = _load(args)
-    out = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if cfg.prompts:
-        prompts = read_prompts(cfg.prompts)
+    if args.resume:
+        if args.config or args.preset or args.overrides or args.out:
+            raise ConfigError(
+                "--resume takes the run directory's own run.yaml: drop --config/--preset/--set/--out"
+            )
+        cfg, manifest = pipeline.reopen(args.resume)
+        run_dir = args.resume
     else:
-        with resources.as_file(resources.files("artaug.presets") / "prompts.txt") as path:
-            prompts = read_prompts(str(path))
-    storage.write_text(storage.join(out, "run.yaml"), to_yaml(cfg))
-    round_dir = storage.join(out, "round-1")
-    _generate_into(cfg, prompts, round_dir, 1, overwrite=False)
-    _critique_into(cfg, storage.join(round_dir, "generate"), round_dir, overwrite=False)
-    _enhance_into(cfg, round_dir, round_dir, round_dir, overwrite=False)
-    print(f"run directory: {out} (resolved config: {storage.join(out, 'run.yaml')})")
+        cfg = _load(args)
+        run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        manifest = pipeline.start(cfg, run_dir)
+    print(f"run directory: {run_dir}")
+    data = pipeline.Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))
+    from artaug.report import summary_table
+
+    print(summary_table(data), end="")
+    combined = storage.join(run_dir, "lora", pipeline.COMBINED)
+    if data.get("stopped_early"):
+        print(f"stopped early in round {data['stopped_early']['round']}: {data['stopped_early']['reason']}")
+    print(f"report:   {storage.join(run_dir, 'report', 'index.html')}")
+    print(f"LoRA:     {combined if storage.exists(combined) else '(none: no round trained)'}")
+    print(f"manifest: {storage.join(run_dir, 'manifest.json')}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from artaug.report import write_report
+
+    summary = write_report(args.run_dir)
+    print(f"report: {summary['path']} ({summary['images']} thumbnails)")
     return 0
 
 
@@ -421,6 +444,7 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     from artaug.cluster import SharedStorageError
     from artaug.critique.server import CriticServerError
     from artaug.lora import LoraFileError
+    from artaug.manifest import RunDirError
     from artaug.models.synthesis import ModelSourceError
     from artaug.prompts import PromptFileError
     from artaug.safety import SafetyConfigError
@@ -438,7 +462,7 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
         ConfigError, PromptFileError, ModelSourceError, StageDoneError, CritiqueInputError, CriticServerError,
         EnhanceInputError, ServeSetupError, ScorerWeightsError, ScorerInputError, SafetyConfigError,
         FilterInputError, EvaluateInputError, PairsError, LoraFileError, CheckpointConflictError,
-        SharedStorageError,
+        SharedStorageError, RunDirError,
     )  # fmt: skip
 
 

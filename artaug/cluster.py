@@ -51,6 +51,7 @@ def _start(cfg: RayConfig) -> None:
     runtime_env = {"env_vars": {k: v for k, v in env.items() if k not in _job_env_vars()}}
     if cfg.address == "local":
         ray.init(
+            address="local",  # a private Ray even when `ray start` runs a cluster on this machine
             num_cpus=cfg.num_cpus,
             object_store_memory=int(cfg.object_store_gb * 2**30),
             include_dashboard=cfg.include_dashboard,

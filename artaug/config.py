@@ -491,7 +491,9 @@ class EvaluateConfig:
 @dataclass
 class TrainConfig:
     mode: str = "differential"
-    """"differential": LoRA-1 on before images, merged, LoRA-2 on after images (kept); "direct": after only"""
+    """"differential" (LoRA-1 on before, merged; LoRA-2 on after, kept), "direct" or "pairwise-average"."""
+    subsets: int = 4
+    """pairwise-average: differential runs on this many disjoint pair subsets; LoRA-2 deltas averaged."""
     steps: int = 500
     """Optimizer steps of the phase whose LoRA is kept (LoRA-2, on the after images)."""
     before_steps: int = -1
@@ -562,9 +564,9 @@ class TrainConfig:
         return [("before", self.steps if self.before_steps < 0 else self.before_steps), ("after", self.steps)]
 
     def validate(self) -> None:
-        _check(
-            self.mode in ("differential", "direct"), "train.mode", self.mode, "must be differential or direct"
-        )
+        modes = ("differential", "direct", "pairwise-average")
+        _check(self.mode in modes, "train.mode", self.mode, f"must be one of {', '.join(modes)}")
+        _check(self.subsets >= 1, "train.subsets", self.subsets, "must be >= 1")
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
         _check(
             self.before_steps == -1 or self.before_steps >= 1,
@@ -611,6 +613,44 @@ class TrainConfig:
 
 
 @dataclass
+class LoopConfig:
+    rounds: int = 3
+    """ArtAug rounds: each trains a LoRA on its filtered pairs, fused into the model of the next round."""
+    max_prompts: int = 0
+    """Use only the first N prompts of the prompt file in each round (0: all of them)."""
+    min_acceptance_rate: float = 0.05
+    """Stop before training a round whose filter accepted a smaller share of its pairs."""
+    min_aesthetic_gain: float = 0.0
+    """Stop before training a round whose pairs gained less aesthetic score on average (after - before)."""
+    combine_rank: int = 0
+    """Re-compress the combined LoRA to this rank per layer with an SVD (0: exact concatenation)."""
+    persistent_critic: bool = True
+    """With the vllm critic on one engine: start it once for all rounds (OpenAI protocol), not per round."""
+    evaluate: bool = True
+    """At the end, evaluate base vs base + combined LoRA on held-out prompts (evaluate section)."""
+    eval_prompts: str = ""
+    """Held-out prompt file of the final evaluation; empty uses the held-out prompts shipped with artaug."""
+    eval_max_prompts: int = 0
+    """Use only the first N held-out prompts (0: all of them)."""
+    report_pairs: int = 12
+    """Before/after pairs shown per round in report/index.html."""
+    thumbnail_side: int = 128
+    """Longest side of the report's thumbnails, in pixels (the report never holds full-size images)."""
+
+    def validate(self) -> None:
+        _check(self.rounds >= 1, "loop.rounds", self.rounds, "must be >= 1")
+        for name in ("max_prompts", "combine_rank", "eval_max_prompts", "report_pairs"):
+            _check(getattr(self, name) >= 0, f"loop.{name}", getattr(self, name), "must be >= 0")
+        _check(
+            0 <= self.min_acceptance_rate <= 1,
+            "loop.min_acceptance_rate",
+            self.min_acceptance_rate,
+            "must be in [0, 1]",
+        )
+        _check(self.thumbnail_side >= 16, "loop.thumbnail_side", self.thumbnail_side, "must be >= 16")
+
+
+@dataclass
 class RunConfig:
     name: str = "artaug"
     """Run name, used in log lines and the default output folder."""
@@ -644,6 +684,8 @@ class RunConfig:
     """`artaug evaluate`: base vs base + LoRA with scorers, an MLLM judge and confidence intervals."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Differential LoRA training settings (latent cache, Ray Train, DeepSpeed)."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """`artaug run`: rounds, early stopping, combining the rounds' LoRAs, final evaluation, report."""
 
     def validate(self) -> RunConfig:
         """Check every value; raises ConfigError naming the first bad field."""
@@ -698,6 +740,7 @@ class RunConfig:
         self.hub.validate()
         for section in ("generate", "scorers", "train", "serve"):
             _check_labels(f"{section}.node_labels", getattr(self, section).node_labels)
+        self.loop.validate()
         return self
 
 

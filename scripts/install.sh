@@ -17,6 +17,16 @@ EXTRAS=${ARTAUG_EXTRAS:-cpu,dev}
 PYTHON=${PYTHON:-python3.11}
 TORCH_VERSION=2.13.0
 
+# The report test opens report/index.html in a real headless Chromium (Debian's package).
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        echo "[install] installing Debian's chromium for the report test"
+        (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "[install] warning: no chromium; the report test needs it (sudo apt-get install chromium)" >&2
+    fi
+fi
+
 stamp="$VENV/.artaug-install-stamp"
 want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)-$EXTRAS
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then

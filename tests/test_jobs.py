@@ -8,6 +8,7 @@ the head's environment (as on a real node) must reach the job without ever being
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -141,11 +142,15 @@ def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket
     assert "succeeded" in output, output[-4000:]
     print(f"job finished in {seconds:.1f} s")
 
-    # The run directory on S3: what today's loop writes, and what the full loop keeps writing.
+    # The whole run directory on S3: stages, the combined LoRA, the evaluation, the report.
     assert storage.exists(f"{out}/run.yaml")
     summary = storage.read_summary(f"{out}/round-1/generate")
     assert (summary["rows"], summary["images"], summary["errors"]) == (2, 2, 0)
-    assert storage.is_complete(f"{out}/round-1/critique")
+    for stage in ("critique", "enhance", "filter", "train/lora", "fuse"):
+        assert storage.is_complete(f"{out}/round-1/{stage}"), stage
+    assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["status"] == "finished"
+    assert storage.exists(f"{out}/lora/combined.safetensors")
+    assert storage.is_complete(f"{out}/evaluate") and storage.exists(f"{out}/report/index.html")
 
     # The token reached the job's environment (the head's env is the node's) but nothing kept it:
     # not the job's logs, its runtime_env listing, the run directory, or any of Ray's own logs.

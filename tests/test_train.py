@@ -336,3 +336,40 @@ def test_direct_mode_trains_after_images_only_and_diffusers_reproduces_it(differ
     pipe.load_lora_weights(f"{out}/lora")  # the folder, by diffusers' default file name
     np.testing.assert_allclose(probe_output(pipe.transformer, probe), probe["output"], atol=TOLERANCE)
     assert read_metadata(f"{out}/lora/{WEIGHT_NAME}")["mode"] == "direct"
+
+
+def test_pairwise_average_is_the_mean_of_the_subset_deltas(differential, tmp_path):
+    """Two differential runs on disjoint halves of the pairs; the written adapter's weight change is the
+    mean of theirs (computed here from the two subset files), and diffusers loads it like any LoRA."""
+    from artaug.lora import read_factors
+    from artaug.stages.cache_latents import read_cache
+
+    cache, out = f"{differential['out']}/latents", str(tmp_path / "out")
+    overrides = {
+        "train.mode": "pairwise-average",
+        "train.subsets": 2,
+        "train.steps": 2,
+        "train.before_steps": 2,
+    }
+    summary = fit_tiny(cache, out, **overrides, **{"train.num_workers": 1, "train.checkpoint_every": 10})
+    ids = read_cache(cache).column("prompt_id").to_pylist()
+    halves = [run["pairs"] for run in summary["subsets"]]
+    assert halves == [ids[0::2], ids[1::2]] and not set(halves[0]) & set(halves[1])
+    each = [read_factors(run["lora"]) for run in summary["subsets"]]
+    mean = read_factors(f"{out}/lora/{WEIGHT_NAME}")
+    assert mean.keys() == each[0].keys() == each[1].keys() and mean
+    for layer, (down, up) in mean.items():
+        deltas = [e[layer][1] @ e[layer][0] for e in each]
+        torch.testing.assert_close(up @ down, (deltas[0] + deltas[1]) / 2, atol=1e-7, rtol=1e-5)
+    assert any(
+        (e0[1] @ e0[0] - e1[1] @ e1[0]).abs().max() > 1e-4
+        for e0, e1 in zip(*[e.values() for e in each], strict=True)
+    )
+    lines = [json.loads(line) for line in open(f"{out}/lora/metrics.jsonl")]
+    assert [(line["subset"], line["phase"]) for line in lines] == [
+        (k, phase) for k in (0, 1) for phase in ("before", "before", "after", "after")
+    ]
+    meta = read_metadata(f"{out}/lora/{WEIGHT_NAME}")
+    assert meta["mode"] == "pairwise-average" and meta["subsets"] == 2 and summary["rank"] == 8
+    pipe = load_pipeline(ModelConfig())
+    pipe.load_lora_weights(f"{out}/lora")

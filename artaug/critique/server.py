@@ -56,8 +56,19 @@ def start_server(model: str, cfg: CritiqueConfig, host: str = "127.0.0.1", port:
     }
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     command = server_command(model, host, port, cfg, torch.cuda.is_available())
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
     return process, f"http://{host}:{port}/v1"
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when its parent dies (a killed run or actor leaves no engine)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float = 600, log_path=None) -> None:

@@ -20,6 +20,12 @@ class ModelSourceError(FileNotFoundError):
     """A model folder or LoRA file does not exist or is not a diffusers pipeline."""
 
 
+def _register_custom_components() -> None:
+    """diffusers resolves a component class saved from outside its libraries (the tiny patch VAE) from
+    the modules already imported, so import them before reading a local folder."""
+    import artaug.models.patch_vae  # noqa: F401
+
+
 def looks_local(source: str) -> bool:
     """A path (absolute, relative with ./ or ../, ~, or existing) rather than a hub id."""
     return (
@@ -72,6 +78,7 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     elif looks_local(cfg.source):
+        _register_custom_components()
         pipe = FluxPipeline.from_pretrained(
             os.path.expanduser(cfg.source), dtype=dtype, local_files_only=True
         )
@@ -143,6 +150,7 @@ def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
             pipe = pipe.to(dtype=dtype)
     else:
         local = looks_local(cfg.source)
+        _register_custom_components()
         pipe = FluxPipeline.from_pretrained(
             os.path.expanduser(cfg.source) if local else cfg.source,
             transformer=None,

@@ -44,8 +44,14 @@ FLUX_DEV_SCHEDULER = dict(
 )
 
 
-def build_tiny_flux(seed: int = 0) -> FluxPipeline:
-    """The tiny pipeline in float32 on CPU; the same seed gives the same weights."""
+def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
+    """The tiny pipeline in float32 on CPU; the same seed gives the same weights.
+
+    `vae="patch"` swaps the random AutoencoderKL for the colour-preserving fixed patch transform
+    (models/patch_vae.py); every other weight is the same as with the default.
+    """
+    if vae not in ("kl", "patch"):
+        raise ValueError(f"tiny vae must be kl or patch (got {vae!r})")
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -59,7 +65,7 @@ def build_tiny_flux(seed: int = 0) -> FluxPipeline:
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),  # must sum to attention_head_dim
     )
-    vae = AutoencoderKL(
+    autoencoder = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -103,9 +109,13 @@ def build_tiny_flux(seed: int = 0) -> FluxPipeline:
             eos_token_id=t5_tokenizer.eos_token_id,
         )
     )
+    if vae == "patch":
+        from artaug.models.patch_vae import PatchAutoencoder
+
+        autoencoder = PatchAutoencoder(scaling_factor=0.25)  # flat colours: DC latents within about +-2
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
-        vae=vae.eval(),
+        vae=autoencoder.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=clip_tokenizer,
         text_encoder_2=text_encoder_2.eval(),
@@ -137,7 +147,22 @@ def _char_tokenizer(eos: str, pad: str, bos: str | None = None, unk: str = "<unk
     )
 
 
-def save_tiny_flux(directory: str, seed: int = 0) -> str:
-    """Build and save the tiny pipeline with save_pretrained; returns the directory."""
-    build_tiny_flux(seed).save_pretrained(directory, safe_serialization=True)
+def save_tiny_flux(directory: str, seed: int = 0, vae: str = "kl", pretrain_steps: int = 0) -> str:
+    """Build (and optionally pretrain on drawn shapes, models/tiny_pretrain.py) and save the tiny
+    pipeline with save_pretrained; returns the directory."""
+    pipe = build_tiny_flux(seed, vae)
+    if pretrain_steps:
+        from artaug.models.tiny_pretrain import pretrain
+
+        pretrain(pipe, pretrain_steps, seed=seed)
+    pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def cached_tiny_flux(cache_dir: str, seed: int = 0, vae: str = "kl", pretrain_steps: int = 0) -> str:
+    """The folder of `save_tiny_flux(...)` under `cache_dir`, built once (pretraining costs minutes)."""
+    from artaug.models.cache import build_once
+
+    name = f"tiny-flux-{vae}-pretrain{pretrain_steps}-seed{seed}"
+    build = lambda folder: save_tiny_flux(folder, seed, vae, pretrain_steps)  # noqa: E731
+    return build_once(cache_dir, name, build, marker="model_index.json")

@@ -87,8 +87,14 @@ def overlap_warnings(cfg: RunConfig) -> list[str]:
     return warnings
 
 
-def evaluate(cfg: RunConfig, loras: list[str], prompts: PromptSet, out: str, overwrite: bool = False) -> dict:
-    """Run the evaluation into `out`; returns the metrics written to out/metrics.json."""
+def evaluate(
+    cfg: RunConfig, loras: list[str], prompts: PromptSet, out: str, overwrite: bool = False, judge_url=None
+) -> dict:
+    """Run the evaluation into `out`; returns the metrics written to out/metrics.json.
+
+    `judge_url`, when given, is called for the base URL of a judge engine the caller keeps warm
+    (asked only once the judge is needed, so the engine can load while the images are generated).
+    """
     e = cfg.evaluate
     if not loras:
         raise EvaluateInputError("nothing to compare: give at least one --lora (or set model.loras)")
@@ -120,7 +126,13 @@ def evaluate(cfg: RunConfig, loras: list[str], prompts: PromptSet, out: str, ove
             generate(stage_cfg, prompts, stage, overwrite=True)
     pairs = joined_pairs(out)
     scores = score_pairs(cfg, pairs, storage.join(out, "scores"))
-    judgements = run_judge(cfg, model, pairs, storage.join(out, "judge")) if e.judge else None
+    judgements = None
+    if e.judge:
+        judge_cfg = cfg
+        if judge_url is not None:
+            routed = dataclasses.replace(e, judge_backend="openai", judge_base_url=judge_url())
+            judge_cfg = dataclasses.replace(cfg, evaluate=routed)
+        judgements = run_judge(judge_cfg, model, pairs, storage.join(out, "judge"))
     metrics = compute_metrics(cfg, scores, judgements)
     metrics.update(
         base=cfg.model.source, loras=list(loras), prompts_file=prompts.source, judge_model=model,

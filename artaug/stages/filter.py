@@ -170,6 +170,7 @@ def summarize(stage_dir: str, cfg: FilterConfig) -> dict:
         "accepted": accepted,
         "rejected": len(rows) - accepted,
         "acceptance_rate": round(accepted / len(rows), 4) if rows else None,
+        "mean_aesthetic_gain": scores["aesthetic_delta"].get("mean"),  # over all scored pairs
         "missing_images": len(missing_ids),
         "missing_image_ids": missing_ids[:50],
         "unsafe_after": sum(1 for row in rows if row.get("unsafe_after")),

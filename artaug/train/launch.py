@@ -23,7 +23,7 @@ import time
 from artaug import storage
 from artaug.cluster import cluster_has_gpus, init_ray, label_selector
 from artaug.config import RunConfig
-from artaug.lora import WEIGHT_NAME
+from artaug.lora import WEIGHT_NAME, read_metadata
 from artaug.models.synthesis import check_source
 from artaug.stages.cache_latents import PairsError, cache_latents, eligible_pairs
 from artaug.stages.generate import StageDoneError
@@ -67,7 +67,7 @@ def train(
     if storage.is_complete(lora_dir) and not overwrite:
         raise StageDoneError(f"{lora_dir} already holds a trained LoRA (use --overwrite)")
     if overwrite:
-        for part in ("lora", "latents", "checkpoints"):
+        for part in ("lora", "latents", "checkpoints", "subsets"):
             storage.remove_tree(storage.join(out, part))
     eligible_pairs(pairs_dir)
     cache_dir = storage.join(out, "latents")
@@ -89,6 +89,80 @@ def fit(
     faults: list[FaultInjection] = (),
 ) -> dict:
     """Run (or resume) the TorchTrainer on a complete latent cache; write OUT/lora; return the summary."""
+    if cfg.train.mode == "pairwise-average":
+        return fit_subsets(cfg, cache_dir, out, round_index)
+    return _fit_one(cfg, cache_dir, out, round_index, faults)
+
+
+def fit_subsets(cfg: RunConfig, cache_dir: str, out: str, round_index: int | None = None) -> dict:
+    """pairwise-average: one differential run (own LoRA-1, own LoRA-2) per disjoint subset of the pairs
+    (cache rows k::K, in OUT/subsets/k/), then OUT/lora holds the mean of their LoRA-2 weight changes:
+    the factors concatenated with scale 1/K each, which is exact (averaging the factors would not be).
+
+    A subset whose run is complete is not trained again, so a stopped run resumes where it was.
+    """
+    from artaug.lora import combine
+    from artaug.stages.cache_latents import ID_COLUMNS, read_cache
+
+    count = cfg.train.subsets
+    ids = read_cache(cache_dir).select(ID_COLUMNS).to_pylist()
+    if len(ids) < count:
+        raise PairsError(
+            f"train.subsets={count} needs at least {count} usable pairs, the cache has {len(ids)}"
+        )
+    runs = []
+    for k in range(count):
+        sub_out = storage.join(out, "subsets", str(k))
+        if storage.is_complete(storage.join(sub_out, "lora")):
+            runs.append(storage.read_summary(storage.join(sub_out, "lora")))
+            continue
+        runs.append(_fit_one(cfg, cache_dir, sub_out, round_index, subset=(k, count)))
+        runs[-1]["pairs"] = [row["prompt_id"] for row in ids[k::count]]
+        storage.mark_complete(storage.join(sub_out, "lora"), runs[-1])
+    lora_dir = storage.join(out, "lora")
+    storage.remove_tree(lora_dir)
+    lora = storage.join(lora_dir, WEIGHT_NAME)
+    first = read_metadata(runs[0]["lora"])
+    averaged = combine(
+        [r["lora"] for r in runs],
+        lora,
+        scales=[1 / count] * count,
+        metadata={**first, "lora": f"LoRA-2 (kept): mean of {count} subset LoRA-2s", "subsets": count},
+    )
+    lines = [
+        json.dumps({**json.loads(line), "subset": k})
+        for k, r in enumerate(runs)
+        for line in storage.read_bytes(storage.join(out, "subsets", str(k), "lora", METRICS_FILE))
+        .decode()
+        .splitlines()
+    ]
+    storage.write_text(storage.join(lora_dir, METRICS_FILE), "".join(line + "\n" for line in lines))
+    summary = {
+        "stage": "train",
+        "mode": cfg.train.mode,
+        "steps": sum(r["steps"] for r in runs),
+        "first_loss": sum(r["first_loss"] for r in runs) / count,
+        "final_loss": sum(r["final_loss"] for r in runs) / count,
+        "restarts": [x for r in runs for x in r["restarts"]],
+        "seconds": round(sum(r["seconds"] for r in runs), 3),
+        "lora": lora,
+        "rank": averaged["rank"],
+        "subsets": runs,
+        "config_hash": runs[0]["config_hash"],
+        "cache": runs[0]["cache"],
+    }
+    storage.mark_complete(lora_dir, summary)
+    return summary
+
+
+def _fit_one(
+    cfg: RunConfig,
+    cache_dir: str,
+    out: str,
+    round_index: int | None = None,
+    faults: list[FaultInjection] = (),
+    subset: tuple[int, int] | None = None,
+) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -109,6 +183,7 @@ def fit(
             "config_hash": digest,
             "round_index": round_index if round_index is not None else max(cache.get("rounds") or [1]),
             "faults": list(faults),
+            "subset": subset,
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,

@@ -90,10 +90,12 @@ def sample_indices(n: int, seed: int, phase: int, step: int, micro: int, rank: i
 
 
 class CachedPairs:
-    """The usable latent-cache rows as tensors, in id order."""
+    """The usable latent-cache rows as tensors, in id order; `subset` (index, count): rows index::count."""
 
-    def __init__(self, cache_dir: str):
+    def __init__(self, cache_dir: str, subset: tuple[int, int] | None = None):
         rows = read_cache(cache_dir).to_pylist()
+        if subset is not None:
+            rows = rows[subset[0] :: subset[1]]
         if not rows:
             raise ValueError(f"latent cache {cache_dir} holds no usable pair")
         self.latents = {
@@ -108,7 +110,7 @@ class CachedPairs:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; config: cfg (RunConfig), cache_dir, config_hash, round_index, faults."""
+    """Ray Train entry point; config: cfg (RunConfig), cache_dir, config_hash, round_index, faults, subset."""
     Worker(config).run()
 
 
@@ -126,7 +128,7 @@ class Worker:
         bf16 = self.t.precision == "bfloat16" or (self.t.precision == "auto" and self.device.type == "cuda")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         prepare_process(on_cpu=self.device.type == "cpu")
-        self.data = CachedPairs(config["cache_dir"])
+        self.data = CachedPairs(config["cache_dir"], config.get("subset"))
         self.transformer = load_transformer(self.cfg.model, self.device, self.dtype).requires_grad_(False)
         if self.t.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()

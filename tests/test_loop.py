@@ -1,0 +1,275 @@
+"""`artaug run` end to end: the whole loop, SIGKILL and --resume, refusals, report in Chromium, metrics.
+
+Each run is a real `artaug run` process (its own local Ray, the vllm critic on the tiny VLM as one
+engine for the run, regional enhancement, Ray Train + DeepSpeed) on a CI-sized config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import free_port
+
+# Two rounds over two prompts; the judge is the critic's own tiny model, so one engine serves both.
+# One request at a time keeps vLLM's batching, hence every answer, the same from run to run.
+CI_SIZED = [
+    "loop.rounds=2", "loop.max_prompts=2", "loop.eval_max_prompts=2", "loop.report_pairs=2",
+    "generate.steps=2", "generate.num_actors=1", "generate.batch_size=2",
+    "critique.concurrency=1",
+    "train.steps=2", "train.before_steps=2", "train.checkpoint_every=1",
+    "evaluate.judge_tiny_seed=0", "evaluate.bootstrap_samples=200",
+]  # fmt: skip
+
+
+def artaug(*args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "artaug.cli", *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, **popen,
+    )  # fmt: skip
+
+
+def run_args(out: str) -> list[str]:
+    return ["run", "--out", out, *(arg for item in CI_SIZED for arg in ("--set", item))]
+
+
+def finish(process: subprocess.Popen, timeout: float = 900) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+def manifest(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> tuple[str, str]:
+    """One uninterrupted CI-sized run: (run directory, its console output)."""
+    run_dir = str(tmp_path_factory.mktemp("loop") / "run")
+    return run_dir, finish(artaug(*run_args(run_dir)))
+
+
+def test_run_completes_every_stage(finished_run):
+    run_dir, output = finished_run
+    data = manifest(run_dir)
+    assert data["status"] == "finished"
+    for k in ("1", "2"):
+        stages = data["rounds"][k]
+        assert set(stages) == {"generate", "critique", "enhance", "filter", "train", "fuse"}
+        assert all(s["status"] == "complete" and s["attempt"] == 0 for s in stages.values()), stages
+        assert stages["generate"]["rows"] == 2 and stages["critique"]["metrics"]["backend"] == "openai"
+    assert [data["final"][s]["status"] for s in ("combine", "evaluate", "report")] == ["complete"] * 3
+    # Round 2 started from round 1's LoRA; the combined adapter holds both rounds.
+    fuse2 = data["rounds"]["2"]["fuse"]["metrics"]["loras"]
+    assert len(fuse2) == 2 and fuse2[0].endswith("round-1/train/lora/pytorch_lora_weights.safetensors")
+    assert data["final"]["combine"]["metrics"]["inputs"] == fuse2
+    assert data["critic_engine"]["url"].startswith("http://")
+    # Facts a reader needs to trust the outputs, and no secret among them.
+    assert {"torch", "diffusers", "ray", "deepspeed"} <= set(data["packages"])
+    assert data["models"]["synthesis"]["source"] == "tiny" and data["host"]["cpus"] >= 1
+    assert len(data["config_hash"]) == 16
+    for line in ("report:", "LoRA:", "manifest:", "round  ", "accepted"):
+        assert line in output
+    assert "artaug_stage" not in output  # metrics go to Ray, not the console
+
+
+def test_combined_lora_loads_in_diffusers(finished_run):
+    from artaug.models.tiny import build_tiny_flux
+
+    run_dir, _ = finished_run
+    pipe = build_tiny_flux(0)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(os.path.join(run_dir, "lora", "combined.safetensors"), adapter_name="artaug")
+    pipe.fuse_lora(adapter_names=["artaug"])
+    pipe.unload_lora_weights()
+    after = pipe.transformer.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "the combined LoRA changed no weight"
+
+
+def test_report_renders_in_chromium(finished_run):
+    """Open report/index.html in a real headless Chromium and check that every image decoded."""
+    from websockets.sync.client import connect
+
+    run_dir, _ = finished_run
+    report = os.path.join(run_dir, "report", "index.html")
+    size = sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.dirname(report)) for f in fs
+    )
+    assert size < 2_000_000  # thumbnails, not full-size images
+    port = free_port()
+    profile = os.path.join(run_dir, "..", "chromium-profile")
+    browser = subprocess.Popen(
+        ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "file://" + report],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        page = _devtools_page(port)
+        with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+            images = []
+            for _ in range(60):
+                ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {
+                    "returnByValue": True,
+                    "expression": "document.readyState === 'complete' && Array.from(document.images)"
+                                  ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])",
+                }}))  # fmt: skip
+                images = json.loads(ws.recv())["result"]["result"].get("value")
+                if images:
+                    break
+                time.sleep(0.5)
+    finally:
+        browser.kill()
+        browser.wait()
+    assert len(images) >= 2 * 2 * 2  # before + after for two pairs in each of two rounds
+    broken = [src for src, complete, width in images if not (complete and width > 0)]
+    assert not broken, broken
+    assert any(src.startswith("img/r2-") for src, *_ in images)
+
+
+def _devtools_page(port: int) -> dict:
+    import requests
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            pages = requests.get(f"http://127.0.0.1:{port}/json", timeout=2).json()
+            page = next((p for p in pages if p.get("type") == "page"), None)
+            if page:
+                return page
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("Chromium's DevTools endpoint did not answer")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path):
+    reference, _ = finished_run
+    run_dir = str(tmp_path / "run")
+    process = artaug(*run_args(run_dir), start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # kill the whole run (driver, Ray, engine) inside round 1's enhance
+        try:
+            if manifest(run_dir)["rounds"]["1"]["enhance"]["status"] == "running":
+                break
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            pass
+        assert process.poll() is None, process.stdout.read()[-4000:]
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = {
+        s: os.path.getmtime(os.path.join(run_dir, "round-1", s, "_SUCCESS")) for s in ("generate", "critique")
+    }
+    enhance_dir = os.path.join(run_dir, "round-1", "enhance")
+    assert not os.path.exists(os.path.join(enhance_dir, "_SUCCESS"))
+    os.makedirs(enhance_dir, exist_ok=True)  # what a killed writer leaves: a part file, no marker
+    with open(os.path.join(enhance_dir, "part-killed.parquet"), "wb") as f:
+        f.write(b"PAR1 half written")
+
+    output = finish(artaug("run", "--resume", run_dir))
+    data = manifest(run_dir)
+    assert data["status"] == "finished" and len(data["attempts"]) == 2 and data["attempts"][1]["resumed"]
+    r1 = data["rounds"]["1"]
+    assert r1["generate"]["attempt"] == 0 and r1["critique"]["attempt"] == 0
+    assert r1["enhance"]["attempt"] == 1 and data["rounds"]["2"]["generate"]["attempt"] == 1
+    for stage, mtime in done_before.items():  # completed stages were not redone
+        assert os.path.getmtime(os.path.join(run_dir, "round-1", stage, "_SUCCESS")) == mtime
+    assert not os.path.exists(os.path.join(enhance_dir, "part-killed.parquet"))
+    assert "complete in an earlier attempt" in output
+    # The same seeds give the same final outputs as the uninterrupted run.
+    ours = load_file(os.path.join(run_dir, "lora", "combined.safetensors"))
+    theirs = load_file(os.path.join(reference, "lora", "combined.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+    ours, theirs = (_metrics(os.path.join(d, "evaluate", "metrics.json")) for d in (run_dir, reference))
+    assert ours == theirs
+
+
+def _metrics(path: str) -> dict:
+    with open(path) as f:
+        metrics = json.load(f)
+    return {k: v for k, v in metrics.items() if k not in ("seconds", "loras")}
+
+
+# ------------------------------------------------------------------ refusals (no Ray needed)
+
+
+def _refused(*args: str) -> str:
+    process = artaug(*args)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert "Traceback" not in output
+    return output
+
+
+def test_unknown_key_or_preset_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    assert "loop.roundz: unknown field (did you mean 'rounds'?)" in _refused(
+        "run", "--out", str(out), "--set", "loop.roundz=3"
+    )
+    assert "preset: 'flux-schnell' is not one of" in _refused(
+        "run", "--out", str(out), "--preset", "flux-schnell"
+    )
+    assert not out.exists()
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished_run):
+    run_dir, _ = finished_run
+    before = open(os.path.join(run_dir, "manifest.json"), "rb").read()
+    assert "has finished; nothing to resume" in _refused("run", "--resume", run_dir)
+    assert "already holds a run" in _refused("run", "--out", run_dir)
+    assert open(os.path.join(run_dir, "manifest.json"), "rb").read() == before
+
+
+def test_run_directory_of_another_version_is_refused(tmp_path):
+    from artaug.config import load_config
+    from artaug.pipeline import start
+
+    run_dir = str(tmp_path / "old-run")
+    start(load_config("tiny"), run_dir)
+    data = manifest(run_dir)
+    data["artaug_version"] = "0.0.1"
+    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+        json.dump(data, f)
+    before = sorted(os.listdir(run_dir))
+    assert "was written by artaug 0.0.1" in _refused("run", "--resume", run_dir)
+    assert sorted(os.listdir(run_dir)) == before
+
+
+def test_stage_metrics_reach_rays_prometheus_endpoint(ray_local):
+    import requests
+
+    from artaug.observe import record_stage
+
+    record_stage("metrics-test", 1, "generate", {"rows": 5, "errors": 1, "seconds": 2.0})
+    port = ray_local.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline and 'run="metrics-test"' not in text:
+        time.sleep(2)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("ray_artaug_stage_rows") and "metrics-test" in line
+    ]
+    assert rows and rows[0].rstrip().endswith(" 5.0"), rows
+    assert 'stage="generate"' in rows[0] and 'round="1"' in rows[0]
+    assert any(
+        line.startswith("ray_artaug_stage_images_per_s") and "metrics-test" in line
+        for line in text.splitlines()
+    )
