@@ -147,9 +147,9 @@ class Manifest:
         bucket = rounds.setdefault(str(round_index), {}) if rounds is not None else self.data["final"]
         return bucket.setdefault(name, {"status": "pending"})
 
-    def stage_started(self, round_index: int | str, name: str, path: str) -> None:
+    def stage_started(self, round_index: int | str, name: str, path: str, attempt: int) -> None:
         entry = self.stage(round_index, name)
-        entry.update(status="running", path=path, started=_now(), error=None)
+        entry.update(status="running", path=path, started=_now(), error=None, attempt=attempt)
         self.save()
 
     def stage_done(self, round_index: int | str, name: str, summary: dict, reused: bool = False) -> None:

@@ -273,8 +273,7 @@ class Loop:
                 log.warning("discarding the half-written %s", stage_dir)
                 storage.remove_tree(stage_dir)
             print(f"[{label}] {name}: started")
-            self.manifest.stage_started(k, name, stage_dir)
-            self.manifest.stage(k, name)["attempt"] = self.attempt
+            self.manifest.stage_started(k, name, stage_dir, self.attempt)
             try:
                 summary = work()
             except BaseException as err:
