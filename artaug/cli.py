@@ -353,6 +353,7 @@ def cmd_train(args) -> int:
     from artaug.train.launch import train
 
     cfg = _load(args)
+    args.pairs, args.out = storage.absolute(args.pairs), storage.absolute(args.out)
     storage.write_text(storage.join(args.out, "run.yaml"), to_yaml(cfg))
     summary = train(cfg, args.pairs, args.out, overwrite=args.overwrite, round_index=args.round)
     cache = summary["cache"]
@@ -376,11 +377,12 @@ def cmd_run(args) -> int:
             raise ConfigError(
                 "--resume takes the run directory's own run.yaml: drop --config/--preset/--set/--out"
             )
-        cfg, manifest = pipeline.reopen(args.resume)
-        run_dir = args.resume
+        run_dir = storage.absolute(args.resume)
+        cfg, manifest = pipeline.reopen(run_dir)
     else:
         cfg = _load(args)
         run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = storage.absolute(run_dir)  # Ray's workers run in other working directories
         manifest = pipeline.start(cfg, run_dir)
     print(f"run directory: {run_dir}")
     data = pipeline.Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))

@@ -26,6 +26,11 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (workers run in other working directories); URIs unchanged."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 
