@@ -225,7 +225,7 @@ class Loop:
             self._step("final", "evaluate", out, "final",
                        lambda: self._evaluate(combined, out), keep_partial=True)  # fmt: skip
         self._step("final", "report", storage.join(self.run_dir, "report"), "final",
-                   lambda: write_report(self.run_dir), redo=True)  # fmt: skip
+                   lambda: write_report(self.run_dir, status="finished"), redo=True)  # fmt: skip
 
     def _evaluate(self, lora: str, out: str) -> dict:
         from artaug.stages.evaluate import evaluate

@@ -53,8 +53,11 @@ def _round_status(stages: dict) -> str:
     return next((f"{name} {s['status']}" for name, s in stages.items() if s.get("status") != "complete"), "?")
 
 
-def write_report(run_dir: str) -> dict:
-    """Write report/index.html and its thumbnails; returns {"path", "images", "stage", "seconds"}."""
+def write_report(run_dir: str, status: str | None = None) -> dict:
+    """Write report/index.html and its thumbnails; returns {"path", "images", "stage", "seconds"}.
+
+    `status` overrides the manifest's (the run writes its report as its last stage, while running).
+    """
     start = time.perf_counter()
     manifest = json.loads(storage.read_bytes(storage.join(run_dir, "manifest.json")))
     cfg = load_config(path=storage.join(run_dir, "run.yaml"))
@@ -62,7 +65,7 @@ def write_report(run_dir: str) -> dict:
     page = _Page(out, cfg.loop.thumbnail_side)
     page.add(f"<h1>artaug run {escape(manifest['name'])}</h1>")
     page.add(
-        f"<p>status <b>{escape(manifest['status'])}</b>, created {escape(manifest['created'])},"
+        f"<p>status <b>{escape(status or manifest['status'])}</b>, created {escape(manifest['created'])},"
         f" config hash {manifest['config_hash']}, artaug {manifest['artaug_version']}</p>"
     )
     if manifest.get("stopped_early"):
