@@ -133,17 +133,6 @@ def test_cli_generate_reports_errors_and_refuses_to_overwrite(ray_local, tmp_pat
     assert "already holds a completed stage" in capsys.readouterr().err
 
 
-def test_main_job_runs_the_tiny_default(ray_local, tmp_path, capsys):
-    # The heuristic critic keeps this test to one vLLM engine per session (test_critique covers vllm).
-    run_dir = str(tmp_path / "run")
-    assert cli(["run", "--out", run_dir, "--set", "critique.backend=heuristic"]) == 0
-    assert f"run directory: {run_dir}" in capsys.readouterr().out
-    assert storage.is_complete(f"{run_dir}/round-1/generate")
-    assert read_stage(f"{run_dir}/round-1/generate").num_rows == 16
-    assert storage.read_summary(f"{run_dir}/round-1/critique")["ok"] == 16
-    assert "preset: tiny" in open(f"{run_dir}/run.yaml").read()
-
-
 def test_prompts_from_and_images_to_s3(ray_local, s3_bucket, tmp_path, capsys):
     storage.write_text(f"{s3_bucket}/in/prompts.txt", "a red kite\n\na blue kite\na green kite\n")
     out = f"{s3_bucket}/runs/s3-demo"
