@@ -167,7 +167,6 @@ class Manifest:
     def stage_failed(self, round_index: int | str, name: str, error: BaseException) -> None:
         entry = self.stage(round_index, name)
         entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000], finished=_now())
-        self.data["status"] = "failed"
         self.save()
 
     def set(self, **values) -> None:

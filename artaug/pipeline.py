@@ -339,8 +339,7 @@ _SHOWN = (
 
 
 def _one_line(summary: dict) -> str:
-    keys = _SHOWN
-    return ", ".join(f"{k} {_fmt(summary[k])}" for k in keys if summary.get(k) is not None)
+    return ", ".join(f"{k} {_fmt(summary[k])}" for k in _SHOWN if summary.get(k) is not None)
 
 
 def _fmt(value) -> str:
