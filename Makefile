@@ -15,7 +15,7 @@ bench: install
 	.venv/bin/python benchmarks/generate_throughput.py
 
 lint: install
-	.venv/bin/ruff check artaug tests benchmarks && .venv/bin/ruff format --check artaug tests benchmarks
+	.venv/bin/ruff check artaug tests benchmarks && .venv/bin/ruff format --check artaug tests benchmarks && .venv/bin/lint-imports
 
 method-check: install
 	.venv/bin/python benchmarks/method_check.py

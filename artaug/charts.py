@@ -1,98 +1,165 @@
-"""Evaluation charts drawn with PIL (matplotlib is not a dependency): means with confidence
-intervals, paired differences, and the MLLM judge's win / tie / loss shares."""
+"""Charts as small SVG documents (no plotting library, a few kilobytes each): the report's histograms,
+loss curves and bars, and the evaluation's intervals and win rates. The one chart engine."""
 
 from __future__ import annotations
 
-import io
+from html import escape
 
-from PIL import Image, ImageDraw
-
-COLOURS = {"base": (120, 144, 176), "lora": (222, 126, 62), "win": (70, 160, 90), "tie": (190, 190, 190),
-           "loss": (200, 80, 80), "ink": (30, 30, 30), "grid": (225, 225, 225)}  # fmt: skip
-ROW, LABEL, WIDTH = 34, 190, 760
+WIDTH, HEIGHT, PAD = 360, 180, 32
+COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
 
 
-def _canvas(title: str, rows: int, note: str = "") -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (WIDTH, 70 + rows * ROW + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), title, fill=COLOURS["ink"])
-    if note:
-        draw.text((10, 24), note, fill=COLOURS["ink"])
-    return image, draw
+def _frame(title: str, body: str, legend: list[str]) -> str:
+    keys = "".join(
+        f'<rect x="{PAD + i * 110}" y="6" width="10" height="10" fill="{COLOURS[i % len(COLOURS)]}"/>'
+        f'<text x="{PAD + 14 + i * 110}" y="15" font-size="11">{escape(name)}</text>'
+        for i, name in enumerate(legend)
+    )
+    return _svg(title, WIDTH, HEIGHT, keys + body)
 
 
-def _x(value: float, low: float, high: float) -> float:
+def _scale(low: float, high: float, start: float, end: float):
     span = (high - low) or 1.0
-    return LABEL + (value - low) / span * (WIDTH - LABEL - 150)  # the right margin holds the values
+    return lambda v: start + (v - low) / span * (end - start)
 
 
-def _range(items, with_zero: bool = True) -> tuple[float, float]:
-    points = [v for _, _, v, ci in items for v in ([v] + (ci or [])) if v is not None]
-    points += [0.0] if with_zero or not points else []
-    low, high = min(points), max(points)
-    pad = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
-    return low - pad, high + pad
+def _axes(x_low: float, x_high: float, y_low: float, y_high: float) -> str:
+    bottom, right = HEIGHT - PAD + 8, WIDTH - 8
+    return (
+        f'<line x1="{PAD}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#888"/>'
+        f'<line x1="{PAD}" y1="24" x2="{PAD}" y2="{bottom}" stroke="#888"/>'
+        f'<text x="{PAD}" y="{HEIGHT - 4}" font-size="10">{x_low:.3g}</text>'
+        f'<text x="{right}" y="{HEIGHT - 4}" font-size="10" text-anchor="end">{x_high:.3g}</text>'
+        f'<text x="2" y="{bottom}" font-size="10">{y_low:.3g}</text>'
+        f'<text x="2" y="32" font-size="10">{y_high:.3g}</text>'
+    )
 
 
-def interval_chart(title: str, note: str, items: list[tuple[str, str, float, list | None]],
-                   group: int = 0) -> Image.Image:  # fmt: skip
-    """One dot with an interval per (label, colour key, value, [low, high]).
+def histogram(title: str, series: dict[str, list[float]], bins: int = 12) -> str:
+    """Overlaid histograms of several series on shared bins."""
+    values = [v for vs in series.values() for v in vs]
+    if not values:
+        return _frame(title, '<text x="40" y="90" font-size="12">no data</text>', [])
+    low, high = min(values), max(values)
+    width = (high - low) / bins or 1.0
+    counts = {
+        name: [sum(1 for v in vs if min(int((v - low) / width), bins - 1) == b) for b in range(bins)]
+        for name, vs in series.items()
+    }
+    top = max(max(c) for c in counts.values()) or 1
+    x = _scale(0, bins, PAD, WIDTH - 8)
+    y = _scale(0, top, HEIGHT - PAD + 8, 24)
+    bars = "".join(
+        f'<rect x="{x(b):.1f}" y="{y(n):.1f}" width="{x(b + 1) - x(b):.1f}" height="{y(0) - y(n):.1f}"'
+        f' fill="{COLOURS[i % len(COLOURS)]}" fill-opacity="0.5"/>'
+        for i, c in enumerate(counts.values())
+        for b, n in enumerate(c)
+        if n
+    )
+    return _frame(title, _axes(low, high, 0, top) + bars, list(series))
 
-    All rows share one axis (with its zero line), or with `group` each run of that many rows gets
-    its own axis (scores of different scales: the base and LoRA rows of one score side by side).
+
+def lines(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
+    """One polyline per series of (x, y) points."""
+    points = [p for ps in series.values() for p in ps]
+    if not points:
+        return _frame(title, '<text x="40" y="90" font-size="12">no data</text>', [])
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x = _scale(min(xs), max(xs), PAD, WIDTH - 8)
+    y = _scale(min(ys), max(ys), HEIGHT - PAD + 8, 24)
+    body = "".join(
+        f'<polyline fill="none" stroke="{COLOURS[i % len(COLOURS)]}" stroke-width="1.5" points="'
+        + " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in ps)
+        + '"/>'
+        for i, ps in enumerate(series.values())
+    )
+    return _frame(title, _axes(min(xs), max(xs), min(ys), max(ys)) + body, list(series))
+
+
+def bars(title: str, counts: dict[str, float]) -> str:
+    """Horizontal bars, one per label."""
+    top = max(counts.values(), default=0) or 1
+    x = _scale(0, top, 120, WIDTH - 40)
+    step = (HEIGHT - 30) / max(len(counts), 1)
+    body = "".join(
+        f'<text x="4" y="{30 + i * step + step / 2:.1f}" font-size="11">{escape(label)}</text>'
+        f'<rect x="120" y="{26 + i * step:.1f}" width="{x(v) - 120:.1f}" height="{step * 0.7:.1f}"'
+        f' fill="{COLOURS[i % len(COLOURS)]}"/>'
+        f'<text x="{x(v) + 4:.1f}" y="{30 + i * step + step / 2:.1f}" font-size="11">{v:g}</text>'
+        for i, (label, v) in enumerate(counts.items())
+    )
+    return _frame(title, body, [])
+
+
+SERIES = {"base": COLOURS[0], "lora": COLOURS[1], "win": COLOURS[2], "tie": "#bbbbbb", "loss": COLOURS[3]}
+ROW, LABEL, WIDE = 28, 190, 720
+
+
+def intervals(
+    title: str, note: str, items: list[tuple[str, str, float | None, list | None]], group: int = 0
+) -> str:
+    """One dot with its interval per (label, series, value, [low, high]).
+
+    All rows share one axis with a zero line, or with `group` each run of that many rows gets its own
+    axis (scores of different scales: the base and LoRA rows of one score side by side).
     """
-    image, draw = _canvas(title, len(items), note)
-    size = group or len(items)
+    height = 56 + len(items) * ROW + 24
+    size = group or len(items) or 1
+    body = [f'<text x="8" y="16" font-size="13">{escape(title)}</text>',
+            f'<text x="8" y="32" font-size="11" fill="#555">{escape(note)}</text>']  # fmt: skip
     for first in range(0, len(items), size):
         block = items[first : first + size]
-        low, high = _range(block, with_zero=not group)
-        top, bottom = 52 + first * ROW, 60 + (first + len(block)) * ROW
+        points = [v for _, _, value, ci in block for v in ([value] + (ci or [])) if v is not None]
+        points += [] if group and points else [0.0]
+        low, high = min(points), max(points)
+        pad = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
+        x = _scale(low - pad, high + pad, LABEL, WIDE - 110)
+        top, bottom = 44 + first * ROW, 48 + (first + len(block)) * ROW
         if not group:
-            zero = _x(0.0, low, high)
-            draw.line((zero, top, zero, bottom), fill=COLOURS["grid"], width=2)
-        else:
-            draw.line((LABEL, bottom - 2, _x(high, low, high), bottom - 2), fill=COLOURS["grid"])
-            draw.text((LABEL - 4, bottom - 14), f"{low:.3g}", fill=(150, 150, 150))
-            draw.text((_x(high, low, high) - 20, bottom - 14), f"{high:.3g}", fill=(150, 150, 150))
-        for offset, (label, colour, value, ci) in enumerate(block):
-            y = 60 + (first + offset) * ROW + ROW // 2
-            draw.text((10, y - 6), label[:30], fill=COLOURS["ink"])
+            body.append(_line(x(0), top, x(0), bottom, "#ddd", 2))
+        body.append(f'<text x="{LABEL}" y="{bottom + 10}" font-size="9" fill="#888">{low - pad:.3g}</text>'
+                    f'<text x="{WIDE - 110}" y="{bottom + 10}" font-size="9" fill="#888" text-anchor="end">'
+                    f"{high + pad:.3g}</text>")  # fmt: skip
+        for offset, (label, series, value, ci) in enumerate(block):
+            y = 48 + (first + offset) * ROW + ROW // 2
+            colour = SERIES.get(series, COLOURS[0])
+            body.append(f'<text x="8" y="{y + 4}" font-size="11">{escape(label[:30])}</text>')
             if value is None:
-                draw.text((LABEL, y - 6), "no data", fill=COLOURS["ink"])
+                body.append(f'<text x="{LABEL}" y="{y + 4}" font-size="11">no data</text>')
                 continue
             if ci:
-                draw.line((_x(ci[0], low, high), y, _x(ci[1], low, high), y), fill=COLOURS[colour], width=3)
-            x = _x(value, low, high)
-            draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill=COLOURS[colour])
-            draw.text((WIDTH - 120, y - 6), f"{value:.4g}", fill=COLOURS["ink"])
-    if not group:
-        low, high = _range(items)
-        draw.text((LABEL, 62 + len(items) * ROW), f"{low:.3g}", fill=COLOURS["ink"])
-        draw.text((_x(high, low, high) - 20, 62 + len(items) * ROW), f"{high:.3g}", fill=COLOURS["ink"])
-    return image
+                body.append(_line(x(ci[0]), y, x(ci[1]), y, colour, 3))
+            body.append(f'<circle cx="{x(value):.1f}" cy="{y}" r="5" fill="{colour}"/>'
+                        f'<text x="{WIDE - 100}" y="{y + 4}" font-size="11">{value:.4g}</text>')  # fmt: skip
+    return _svg(title, WIDE, height, "".join(body))
 
 
-def win_rate_chart(rates: dict, note: str) -> Image.Image:
-    """A stacked bar of win / tie / loss shares of judged prompts (missing ones listed, not drawn)."""
-    image, draw = _canvas("MLLM win rate of base + LoRA vs base (an MLLM judge, not human raters)", 1, note)
-    y, left, right = 70, LABEL, WIDTH - 30
+def win_rates(title: str, rates: dict, note: str) -> str:
+    """A stacked bar of win / tie / loss shares of judged prompts (missing ones counted, not drawn)."""
+    left, right, y = LABEL, WIDE - 20, 44
+    body = [f'<text x="8" y="16" font-size="13">{escape(title)}</text>',
+            f'<text x="8" y="32" font-size="11" fill="#555">{escape(note)}</text>',
+            f'<text x="8" y="{y + 16}" font-size="11">judged {rates.get("judged", 0)}, missing '
+            f'{rates.get("missing", 0)}</text>']  # fmt: skip
     x = left
     for name in ("win", "tie", "loss"):
         share = rates.get(f"{name}_rate") or 0.0
-        end = x + share * (right - left)
-        draw.rectangle((x, y, end, y + ROW - 8), fill=COLOURS[name])
+        width = share * (right - left)
+        body.append(f'<rect x="{x:.1f}" y="{y}" width="{width:.1f}" height="22" fill="{SERIES[name]}"/>')
         if share >= 0.08:
-            draw.text((x + 4, y + 8), f"{name} {share:.0%}", fill="white")
-        x = end
-    draw.text(
-        (10, y + 8),
-        f"judged {rates.get('judged', 0)}, missing {rates.get('missing', 0)}",
-        fill=COLOURS["ink"],
+            body.append(
+                f'<text x="{x + 4:.1f}" y="{y + 15}" font-size="11" fill="white">{name} {share:.0%}</text>'
+            )
+        x += width
+    return _svg(title, WIDE, y + 40, "".join(body))
+
+
+def _line(x1: float, y1: float, x2: float, y2: float, colour: str, width: int) -> str:
+    return f'<line x1="{x1:.1f}" y1="{y1}" x2="{x2:.1f}" y2="{y2}" stroke="{colour}" stroke-width="{width}"/>'
+
+
+def _svg(title: str, width: int, height: int, body: str) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img"'
+        f' aria-label="{escape(title)}"><title>{escape(title)}</title>{body}</svg>'
     )
-    return image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -14,7 +14,8 @@ import os
 
 import ray
 
-from artaug.config import RayConfig
+from artaug.config import RayConfig, Resources
+from artaug.errors import ArtaugError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ _WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARAL
 _FORWARDED_ENV = ("HF_HUB_CACHE", "HF_HUB_OFFLINE")
 
 
-class SharedStorageError(ValueError):
+class SharedStorageError(ArtaugError, ValueError):
     """A node-local output path on a cluster whose other nodes cannot see it."""
 
 
@@ -105,6 +106,21 @@ def _remote_address(address: str) -> bool:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def gpus_for(resources: Resources) -> float:
+    """The GPUs one process asks for: the configured share, or (-1) one when the cluster has GPUs."""
+    if resources.gpus >= 0:
+        return resources.gpus
+    return 1.0 if cluster_has_gpus() else 0.0
+
+
+def ray_resources(resources: Resources) -> dict:
+    """Ray's per-process options (num_cpus, num_gpus, label_selector) for a section's `Resources`."""
+    options = {"num_cpus": resources.cpus, "num_gpus": gpus_for(resources)}
+    if resources.node_labels:
+        options["label_selector"] = label_selector(resources.node_labels)
+    return options
 
 
 def label_selector(node_labels: list[str]) -> dict[str, str] | None:

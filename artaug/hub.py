@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
 from artaug.config import HubConfig, RunConfig
+from artaug.errors import ArtaugError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Formats the loaders never read (TensorFlow, Flax, ONNX, single-file checkpoints): not worth the bytes.
@@ -33,7 +40,16 @@ _UNUSED = [
 ]
 
 
-class HubError(RuntimeError):
+def looks_local(source: str) -> bool:
+    """A path (absolute, relative with ./ or ../, ~, existing, or deeper than owner/name), not a hub id."""
+    return (
+        source.startswith(("/", "./", "../", "~"))
+        or os.path.exists(os.path.expanduser(source))
+        or source.count("/") > 1
+    )
+
+
+class HubError(ArtaugError, RuntimeError):
     """The hub cannot be reached, a model is gated or missing, or offline mode forbids fetching."""
 
 
@@ -57,19 +73,20 @@ def apply(hub: HubConfig) -> None:
 
 def models_of(cfg: RunConfig) -> list[Fetch]:
     """Every hub repository the configuration loads (local folders and "tiny" are left out)."""
-    from artaug.models.synthesis import looks_local
-
-    c, s = cfg.critique, cfg.scorers
     # A diffusers pipeline's weights live in component folders; the top-level files of FLUX.1-dev are
     # a second, single-file copy of the same weights (~24 GB) that from_pretrained never reads.
     wanted = [
         Fetch("model.source", cfg.model.source, cfg.model.revision or None, ("model_index.json", "*/*"))
     ]
-    if c.backend != "heuristic":
-        wanted.append(Fetch("critique.model", c.model))
-    wanted += [Fetch(f"scorers.{name}", getattr(s, name)) for name in ("clip", "siglip", "preference")]
+    if cfg.critique.backend != "heuristic":
+        wanted.append(Fetch("critique.model", cfg.critique.model))
+    wanted += [
+        Fetch(f"scorers.{name}", getattr(cfg.scorers, name)) for name in ("clip", "siglip", "preference")
+    ]
     # Only the tokenizer and image processor are read from preference_processor.
-    wanted.append(Fetch("scorers.preference_processor", s.preference_processor, allow=("*.json", "*.txt")))
+    wanted.append(
+        Fetch("scorers.preference_processor", cfg.scorers.preference_processor, allow=("*.json", "*.txt"))
+    )
     wanted.append(Fetch("safety.model", cfg.safety.model))
     if cfg.evaluate.judge:
         wanted.append(Fetch("evaluate.judge_model", cfg.evaluate.judge_model))
@@ -83,9 +100,6 @@ def models_of(cfg: RunConfig) -> list[Fetch]:
 
 def check_reachable(timeout_s: float) -> str:
     """The hub endpoint, once it answers; HubError at once when it cannot be reached in time."""
-    import urllib.error
-    import urllib.request
-
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
@@ -109,9 +123,6 @@ def ensure_online(hub: HubConfig) -> None:
 
 def prefetch(items: list[Fetch], hub: HubConfig) -> list[dict]:
     """Download each repository's files into the cache (resuming partial downloads); one dict per repo."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
     ensure_online(hub)
     cache = os.path.expanduser(hub.cache_dir) if hub.cache_dir else None
     done = []
@@ -142,6 +153,4 @@ def prefetch(items: list[Fetch], hub: HubConfig) -> list[dict]:
 
 
 def _files(folder: str):
-    from pathlib import Path
-
     return [p for p in Path(folder).rglob("*") if p.is_file()]

@@ -1,11 +1,13 @@
-"""Image bytes in and out: PNG encoding, and decoding that checks an image before any model sees it
-(so one bad image cannot stop a dataset)."""
+"""Image utilities: PNG bytes in and out, decoding that checks an image before any model sees it (so
+one bad image cannot stop a dataset), and the pixel statistics the heuristic critic, the image_stats
+scorer and the benchmarks measure."""
 
 from __future__ import annotations
 
 import base64
 import io
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
@@ -47,3 +49,25 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def image_statistics(image: Image.Image) -> dict[str, float]:
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    luminance = rgb @ np.array([0.2126, 0.7152, 0.0722])
+    hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.float64) / 255.0
+    rg, yb = rgb[..., 0] - rgb[..., 1], 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+    laplacian = (
+        -4 * luminance[1:-1, 1:-1]
+        + luminance[:-2, 1:-1]
+        + luminance[2:, 1:-1]
+        + luminance[1:-1, :-2]
+        + luminance[1:-1, 2:]
+    )
+    return {
+        "exposure": float(luminance.mean()),
+        "contrast": float(luminance.std()),
+        "saturation": float(hsv[..., 1].mean()),
+        "colourfulness": float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())),
+        "sharpness": float(laplacian.var()) if laplacian.size else 0.0,
+        "colour_cast": float(rgb[..., 0].mean() - rgb[..., 2].mean()),  # > 0 warm, < 0 cool
+    }

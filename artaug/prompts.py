@@ -8,19 +8,21 @@ prompts are skipped and counted; a file that is not UTF-8 is refused, naming the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from artaug.errors import ArtaugError
 from artaug.storage import read_bytes
 
 PER_ROW_SETTINGS = ("seed", "width", "height", "steps", "guidance")
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(ArtaugError, ValueError):
     """The prompt file cannot be read; the message names the file and, where known, the line."""
 
 
@@ -34,6 +36,10 @@ class PromptSet:
     """Where the prompts came from."""
     notes: list[str] = field(default_factory=list)
     """Human-readable remarks about the read (skips, defaults applied)."""
+
+    def first(self, count: int) -> PromptSet:
+        """The first `count` prompts."""
+        return dataclasses.replace(self, rows=self.rows[:count])
 
 
 def read_prompts(path: str) -> PromptSet:

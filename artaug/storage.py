@@ -65,6 +65,13 @@ def remove_tree(path: str) -> None:
         fs.delete_dir(p)
 
 
+def remove(path: str) -> None:
+    """Delete one file if it exists."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
 def is_complete(stage_dir: str) -> bool:
     return exists(join(stage_dir, SUCCESS))
 
@@ -76,11 +83,3 @@ def mark_complete(stage_dir: str, summary: dict) -> None:
 
 def read_summary(stage_dir: str) -> dict:
     return json.loads(read_bytes(join(stage_dir, SUCCESS)))
-
-
-def find_stage(path: str, name: str) -> str | None:
-    """A completed stage folder: `path` itself, or `path/name`; None when neither is complete."""
-    for candidate in (path, join(path, name)):
-        if is_complete(candidate):
-            return candidate
-    return None

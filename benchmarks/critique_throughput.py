@@ -27,10 +27,11 @@ from PIL import Image  # noqa: E402
 
 from artaug.cluster import init_ray  # noqa: E402
 from artaug.config import RayConfig, load_config  # noqa: E402
-from artaug.critique.template import instruction  # noqa: E402
-from artaug.critique.vllm_backend import vllm_critique  # noqa: E402
+from artaug.critic.answers import REQUEST  # noqa: E402
+from artaug.critic.backends import critic_model, critique_task  # noqa: E402
+from artaug.critic.instruction import instruction  # noqa: E402
+from artaug.critic.vllm_backend import vllm_answers  # noqa: E402
 from artaug.images import data_url  # noqa: E402
-from artaug.stages.critique import PREPARED, critic_model  # noqa: E402
 
 
 def images(n: int, side: int = 64) -> list[Image.Image]:
@@ -57,11 +58,12 @@ def vllm_side(cfg, model: str, pictures, tokens: int) -> list[tuple[float, int]]
          "box_max": 1000, "box_scale_w": 1000, "box_scale_h": 1000, "error": None}
         for i, im in enumerate(pictures)
     ]  # fmt: skip
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=PREPARED)).repartition(len(rows) // 8)
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=REQUEST)).repartition(len(rows) // 8)
     fixed = {"max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": 0.0}
     start = time.perf_counter()
     stamps = []
-    for batch in vllm_critique(ds, cfg.critique, model, sampling_override=fixed).iter_batches(
+    task = critique_task(cfg.critique.box_format)
+    for batch in vllm_answers(ds, cfg.critique, model, task.request, sampling_override=fixed).iter_batches(
         batch_size=None, batch_format="pyarrow"
     ):
         assert all(e is None for e in batch.column("error").to_pylist())

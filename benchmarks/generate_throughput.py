@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from artaug.cluster import init_ray  # noqa: E402
 from artaug.config import RayConfig, load_config  # noqa: E402
 from artaug.models.synthesis import load_pipeline  # noqa: E402
-from artaug.stages.generate import FluxGenerator  # noqa: E402
+from artaug.stages.generator import FluxGenerator  # noqa: E402
 
 
 def prompts(n: int) -> list[dict]:

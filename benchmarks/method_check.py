@@ -15,7 +15,7 @@ Set-up (all tiny, all on CPU, nothing downloaded):
 - Modes: differential (LoRA-1 on before, fused; LoRA-2 on after from the merged model, kept), direct
   (LoRA on after only), pairwise-average (differential on K disjoint subsets, LoRA-2 deltas averaged
   with artaug.lora.combine). Trained in this process with the training loop's objective
-  (artaug.train.objective) and peft, not through Ray Train + DeepSpeed: many short runs, and the
+  (artaug.models.flow_matching) and peft, not through Ray Train + DeepSpeed: many short runs, and the
   method, not the distribution, is what is measured here. LoRA-1 is fused with the production
   fuse_into_transformer from its saved file.
 - Held-out: 8 other prompts x 4 other seeds, sampled by the base model and by base + LoRA-2 with the
@@ -47,13 +47,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from artaug.config import ModelConfig  # noqa: E402
-from artaug.lora import combine, fuse_into_transformer, save_lora  # noqa: E402
+from artaug.lora.algebra import combine  # noqa: E402
+from artaug.lora.files import save_lora  # noqa: E402
+from artaug.lora.fuse import fuse_into_transformer  # noqa: E402
+from artaug.models.flow_matching import flow_matching_loss  # noqa: E402
 from artaug.models.synthesis import load_pipeline  # noqa: E402
 from artaug.models.tiny import cached_tiny_flux  # noqa: E402
 from artaug.models.tiny_pretrain import all_captions, caption, encode_captions, encode_images  # noqa: E402
 from artaug.photometric import apply_adjustments  # noqa: E402
-from artaug.train.loop import mix_seed  # noqa: E402
-from artaug.train.objective import flow_matching_loss  # noqa: E402
+from artaug.train.data import mix_seed  # noqa: E402
 
 ENHANCEMENT = [
     {"aspect": "exposure", "direction": "increase", "strength": 2},

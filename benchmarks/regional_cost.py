@@ -2,7 +2,7 @@
 
     python benchmarks/regional_cost.py [--size 256] [--steps 8] [--repeats 5]
 
-Same loop (`artaug.flux_loop.sample`), same seed, size and steps; only the number of regions changes.
+Same loop (`artaug.models.sampling.sample`), same seed, size and steps; only the number of regions changes.
 Each image with R regions costs 1 + R transformer evaluations per step (batched into one forward), so
 the ratio approaches 1 + R where the transformer dominates; encoders and the VAE are paid once.
 """
@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from artaug.config import ModelConfig  # noqa: E402
-from artaug.flux_loop import Job, Region, sample  # noqa: E402
+from artaug.models.sampling import Job, Region, sample  # noqa: E402
 from artaug.models.synthesis import load_pipeline  # noqa: E402
 
 BOXES = [(0, 0, 0.5, 0.5), (0.5, 0, 1, 0.5), (0, 0.5, 0.5, 1), (0.5, 0.5, 1, 1)]

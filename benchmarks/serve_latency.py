@@ -55,7 +55,7 @@ class InProcess:
     """The baseline: the same pipeline called here, one image per call, encoded as the replica does."""
 
     def __init__(self, cfg: RunConfig):
-        torch.set_num_threads(cfg.serve.torch_threads)
+        torch.set_num_threads(cfg.serve.resources.torch_threads)
         self.cfg = cfg
         self.pipe = load_pipeline(cfg.model)
 

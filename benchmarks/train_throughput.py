@@ -33,11 +33,11 @@ import torch  # noqa: E402
 
 from artaug.cluster import init_ray  # noqa: E402
 from artaug.config import RayConfig, load_config  # noqa: E402
+from artaug.models.flow_matching import flow_matching_loss  # noqa: E402
 from artaug.models.synthesis import load_transformer  # noqa: E402
-from artaug.stages.cache_latents import cache_latents  # noqa: E402
-from artaug.train.launch import fit  # noqa: E402
-from artaug.train.loop import CachedPairs, mix_seed, sample_indices  # noqa: E402
-from artaug.train.objective import flow_matching_loss  # noqa: E402
+from artaug.train.data import CachedPairs, mix_seed, sample_indices  # noqa: E402
+from artaug.train.latents import cache_latents  # noqa: E402
+from artaug.train.trainer import fit  # noqa: E402
 from tests.pairs import pair_row, write_pairs  # noqa: E402
 
 

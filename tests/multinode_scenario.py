@@ -25,10 +25,11 @@ from ray.cluster_utils import Cluster
 
 from artaug.cluster import SharedStorageError
 from artaug.config import ModelConfig, load_config
-from artaug.critique.vllm_backend import engine_placement
+from artaug.critic.vllm_backend import engine_placement
 from artaug.models.synthesis import pick_device
 from artaug.prompts import read_prompts
-from artaug.stages.generate import generate, read_stage
+from artaug.stages.contract import read_stage
+from artaug.stages.generate import generate
 
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "labels": {"artaug-node-type": "gpu"}}
 CRITIC_NODE = {"num_cpus": 8, "num_gpus": 8, "labels": {"artaug-node-type": "critic"}}
@@ -39,8 +40,8 @@ def config(**overrides):
     base = {
         "ray.address": "auto",
         "generate.num_actors": 2,
-        "generate.gpus_per_actor": 1,  # a logical GPU each: the request Ray schedules by
-        "generate.node_labels": "artaug-node-type=gpu",
+        "generate.resources.gpus": 1,  # a logical GPU each: the request Ray schedules by
+        "generate.resources.node_labels": "artaug-node-type=gpu",
         "generate.batch_size": 1,
         "model.device": "auto",  # what the code computes on: torch decides (CPU here)
     }

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from artaug import schema
+from artaug.rows import PAIR
 
 
 def png(array: np.ndarray) -> bytes:
@@ -55,7 +55,7 @@ def pair_row(i: int, width: int = 64, height: int = 64, **extra) -> dict:
 
 
 def write_pairs(folder: str, rows: list[dict], files: int = 2) -> str:
-    """Rows as Parquet files in `folder` (schema.PAIR, plus any extra columns the rows carry)."""
+    """Rows as Parquet files in `folder` (PAIR, plus any extra columns the rows carry)."""
     os.makedirs(folder, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=_schema_for(rows))
     step = max(1, -(-len(rows) // files))
@@ -65,8 +65,8 @@ def write_pairs(folder: str, rows: list[dict], files: int = 2) -> str:
 
 
 def _schema_for(rows: list[dict]) -> pa.Schema:
-    extra = [name for row in rows for name in row if name not in schema.PAIR.names]
-    result = schema.PAIR
+    extra = [name for row in rows for name in row if name not in PAIR.names]
+    result = PAIR
     for name in dict.fromkeys(extra):
         result = result.append(pa.field(name, pa.bool_() if name == "accepted" else pa.float64()))
     return result

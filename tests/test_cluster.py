@@ -24,7 +24,7 @@ import yaml
 from artaug import cli
 from artaug.cluster import SharedStorageError, _job_env_vars, check_output_storage, label_selector
 from artaug.config import ConfigError, RayConfig, load_config
-from artaug.critique.vllm_backend import engine_placement
+from artaug.critic.vllm_backend import engine_placement
 from artaug.hub import Fetch, HubError, check_reachable, models_of
 from tests.conftest import tiny_config
 
@@ -60,9 +60,9 @@ def test_launcher_configs_follow_rays_schema_and_our_node_types(name):
 def test_the_cluster_configs_labels_are_what_the_job_config_selects():
     cfg = load_config(path=str(REPO / "jobs" / "flux-dev.yaml"))
     for section in (cfg.generate, cfg.scorers, cfg.train, cfg.serve):
-        assert label_selector(section.node_labels) == {"artaug-node-type": "gpu"}
+        assert label_selector(section.resources.node_labels) == {"artaug-node-type": "gpu"}
     assert cfg.critique.tensor_parallel_size == 8 and 0 < cfg.critique.gpu_memory_utilization <= 0.95
-    assert cfg.generate.gpus_per_actor == 1 and cfg.train.gpus_per_worker == 1  # whole GPUs for FLUX
+    assert cfg.generate.resources.gpus == 1 and cfg.train.resources.gpus == 1  # whole GPUs for FLUX
     assert cfg.hub.offline and cfg.hub.cache_dir and cfg.ray.address == "auto"
 
 
@@ -165,12 +165,12 @@ def test_job_env_vars_are_not_set_twice(monkeypatch):
 
 
 def test_node_labels_are_checked_and_become_label_selectors():
-    cfg = tiny_config(**{"generate.node_labels": "artaug-node-type=gpu,zone=a"})
-    assert label_selector(cfg.generate.node_labels) == {"artaug-node-type": "gpu", "zone": "a"}
+    cfg = tiny_config(**{"generate.resources.node_labels": "artaug-node-type=gpu,zone=a"})
+    assert label_selector(cfg.generate.resources.node_labels) == {"artaug-node-type": "gpu", "zone": "a"}
     assert label_selector([]) is None
     for bad in ("gpu", "a b=c", "k=-v", "=v"):
-        with pytest.raises(ConfigError, match="train.node_labels"):
-            tiny_config(**{"train.node_labels": bad})
+        with pytest.raises(ConfigError, match="train.resources.node_labels"):
+            tiny_config(**{"train.resources.node_labels": bad})
 
 
 def test_critic_engines_pack_their_tensor_parallel_ranks_on_one_node():

@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -6,25 +7,53 @@ import pytest
 
 from artaug.config import (
     ConfigError,
+    GenerateConfig,
+    ModelConfig,
+    Resources,
     RunConfig,
     describe,
     field_docs,
     load_config,
+    override,
     reference_markdown,
+    to_dict,
     to_yaml,
 )
+from artaug.errors import ArtaugError
+
+
+def _sections() -> list[type]:
+    sections = [type(v) for v in vars(RunConfig()).values() if dataclasses.is_dataclass(v)]
+    return [RunConfig, *sections, Resources]
 
 
 def test_every_field_has_a_default_and_a_docstring():
-    sections = [type(v) for v in vars(RunConfig()).values() if dataclasses.is_dataclass(v)]
-    assert len(sections) >= 10
-    for cls in (RunConfig, *sections):
+    assert len(_sections()) >= 12
+    for cls in _sections():
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
     names = [name for name, _, _ in describe()]
     assert "generate.width" in names and "model.source" in names
+    assert "generate.resources.gpus" in names and "train.resources.node_labels" in names
+    defaults = {name: default for name, default, _ in describe()}
+    assert defaults["generate.resources.gpus"] == "0.0"  # the section's default, not Resources()'s
+
+
+def test_scalar_fields_are_strict():
+    # A plain `int` annotation would let pydantic read "8" or True as a number; the aliases of
+    # artaug.config.base (Int, Float, Bool, Text) do not.
+    for cls in _sections():
+        for name, info in cls.__pydantic_fields__.items():
+            if info.annotation in (int, float, bool, str):
+                assert any(getattr(m, "strict", False) for m in info.metadata), f"{cls.__name__}.{name}"
+
+
+def test_defaults_are_the_tiny_preset():
+    assert load_config("tiny") == RunConfig()
+    assert GenerateConfig().resources == Resources(gpus=0.0)
+    assert Resources().gpus == -1.0
 
 
 def test_configuration_reference_is_current():
@@ -45,10 +74,11 @@ def test_flux_dev_preset():
     assert cfg.model.dtype == "bfloat16"
     assert (cfg.generate.width, cfg.generate.height) == (1024, 1024)
     assert cfg.generate.steps == 28 and cfg.generate.guidance == 3.5
-    assert cfg.generate.gpus_per_actor == 1
-    assert cfg.serve.gpus_per_replica == 1 and cfg.serve.host == "127.0.0.1"
+    assert cfg.generate.resources.gpus == 1
+    assert cfg.serve.resources.gpus == 1 and cfg.serve.host == "127.0.0.1"
     assert cfg.train.precision == "bfloat16" and cfg.train.gradient_checkpointing
-    assert cfg.train.gpus_per_worker == 1 and cfg.train.zero_stage == 2
+    assert cfg.train.resources.gpus == 1 and cfg.train.zero_stage == 2
+    assert len(cfg.train.target_modules) == 8  # attention only, unlike the tiny default
 
 
 def test_file_then_overrides(tmp_path):
@@ -63,6 +93,10 @@ def test_file_then_overrides(tmp_path):
     assert cfg.generate.height == 1024  # the preset fills the rest
     assert cfg.model.loras == ["a.safetensors", "b.safetensors"]
     assert isinstance(load_config(overrides=["generate.guidance=4"]).generate.guidance, float)
+    path.write_text("model:\n  revision: 1234\ngenerate:\n  resources:\n    cpus: 2\n")
+    cfg = load_config(path=str(path))
+    assert cfg.model.revision == "1234"  # YAML reads it as a number; the field is text
+    assert cfg.generate.resources == Resources(gpus=0.0, cpus=2.0)  # the rest keeps its defaults
 
 
 def test_resolved_yaml_round_trips(tmp_path):
@@ -73,7 +107,7 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "setting, message",
     [
         ("generate.width=100", "generate.width: 100 is not a positive multiple of 16"),
         ("generate.height=0", "generate.height: 0 is not a positive multiple of 16"),
@@ -96,11 +130,24 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("train.rank=0", "train.rank"),
         ("train.before_steps=0", "train.before_steps"),
         ("train.precision=float16", "train.precision"),
+        ("train.zero_stage=2.0", "train.zero_stage: expected an integer"),
+        ("train.target_modules=", "train.target_modules: '' must not be empty"),
+        ("generate.seed=-1", "generate.seed: -1 must be in [0, 2**63)"),
+        ("generate.resources.gpus=-2", "generate.resources.gpus: -2.0 must be -1 (auto) or >= 0"),
+        ("generate.resources.cpus=0", "generate.resources.cpus: 0 must be > 0"),
+        ("critique.base_url=ftp://x", "critique.base_url: 'ftp://x' must start with http:// or https://"),
+        ("critique.gpu_memory_utilization=0", "must be in (0, 1]"),
+        ("evaluate.judge_base_url=x", "evaluate.judge_base_url: 'x' must be empty or start with http"),
+        ("safety.concepts=", "safety.concepts: [] must name at least one concept"),
+        ("enhance.blur_kernel=4", "enhance.blur_kernel: 4 must be an odd number >= 1"),
+        ("model.source= ", "model.source"),
+        ("generate.steps.x=1", "generate.steps.x: steps is not a section"),
+        ("generate=5", "generate: expected a mapping, got 5"),
     ],
 )
-def test_bad_values_are_rejected_with_the_field_named(override, message):
+def test_bad_values_are_rejected_with_the_field_named(setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(overrides=[override])
+        load_config(overrides=[setting])
 
 
 def test_bad_preset_and_missing_file(tmp_path):
@@ -112,3 +159,58 @@ def test_bad_preset_and_missing_file(tmp_path):
     bad.write_text("generate: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path=str(bad))
+
+
+def test_config_error_is_an_artaug_error_and_a_value_error():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["generate.steps=0"])
+    assert isinstance(err.value, ArtaugError) and isinstance(err.value, ValueError)
+    assert "\n" not in str(err.value)
+
+
+def test_configs_are_frozen_and_replace_validates():
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.generate.steps = 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = ModelConfig()
+    model = dataclasses.replace(cfg.model, loras=["a.safetensors"])
+    assert model.loras == ["a.safetensors"] and cfg.model.loras == []
+    with pytest.raises(ConfigError, match=re.escape("model.max_sequence_length: 600 must be in [1, 512]")):
+        dataclasses.replace(cfg.model, max_sequence_length=600)
+
+
+def test_legacy_resource_keys_are_read_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="artaug.config"):
+        cfg = load_config(overrides=["generate.gpus_per_actor=0.5", "train.node_labels=zone=a"])
+    assert cfg.generate.resources.gpus == 0.5 and cfg.train.resources.node_labels == ["zone=a"]
+    assert "generate.resources.gpus" in caplog.text and "train.resources.node_labels" in caplog.text
+    path = tmp_path / "old.yaml"
+    path.write_text("serve:\n  gpus_per_replica: 1\n  cpus_per_replica: 2\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="artaug.config"):
+        cfg = load_config(path=str(path))
+    assert cfg.serve.resources == Resources(gpus=1.0, cpus=2.0)
+    assert "serve.resources.cpus" in caplog.text
+    path.write_text("serve:\n  gpus_per_replica: 1\n  resources:\n    gpus: 0\n")
+    with pytest.raises(ConfigError, match="keep only serve.resources.gpus"):
+        load_config(path=str(path))
+
+
+def test_bad_node_labels_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=re.escape("train.resources.node_labels[1]: 'bad label'")):
+        load_config(overrides=["train.resources.node_labels=zone=a,bad label"])
+    with pytest.raises(ConfigError, match=re.escape("resources.node_labels[0]: 'x' is not a node label")):
+        Resources(node_labels=["x"])
+
+
+def test_override_applies_dotted_values_and_validates():
+    cfg = load_config()
+    changed = override(cfg, {"serve.host": "0.0.0.0", "serve.port": 9000, "model.loras": "a,b"})
+    assert (changed.serve.host, changed.serve.port) == ("0.0.0.0", 9000)
+    assert changed.model.loras == ["a", "b"] and cfg.serve.port == 8000
+    assert to_dict(override(cfg, {})) == to_dict(cfg)
+    with pytest.raises(ConfigError, match=re.escape("serve.port: 0 must be in [1, 65535]")):
+        override(cfg, {"serve.port": 0})
+    with pytest.raises(ConfigError, match="serve.prot: unknown field"):
+        override(cfg, {"serve.prot": 1})

@@ -10,13 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from artaug import schema, storage
+from artaug import storage
 from artaug.cli import main as cli
-from artaug.critique.heuristic import heuristic_critique
-from artaug.critique.schema import critique_schema
+from artaug.critic.backends import critic_model
+from artaug.critic.heuristic import heuristic_critique
+from artaug.critic.schema import critique_schema
 from artaug.images import decode_image
-from artaug.stages.critique import critic_model, critique
-from artaug.stages.generate import read_stage
+from artaug.rows import GENERATE
+from artaug.stages.contract import read_stage
+from artaug.stages.critique import critique
 from tests.conftest import tiny_config
 
 CORRUPT_ID = "corrupt"
@@ -36,8 +38,8 @@ def images(ray_local, tmp_path_factory) -> str:
         {"prompt_id": CORRUPT_ID, "prompt": "broken", "seed": 1, "round": 1, "image": b"\x89PNG garbage"},
         {"prompt_id": "failed-gen", "prompt": "nothing", "seed": 2, "round": 1, "error": "OOM"},
     ]
-    rows = [{name: row.get(name) for name in schema.GENERATE.names} for row in extra]
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema.GENERATE), f"{stage}/extra.parquet")
+    rows = [{name: row.get(name) for name in GENERATE.names} for row in extra]
+    pq.write_table(pa.Table.from_pylist(rows, schema=GENERATE), f"{stage}/extra.parquet")
     return stage
 
 
@@ -83,7 +85,7 @@ def test_vllm_backend_through_ray_data_llm(images, tmp_path):
 @pytest.fixture(scope="module")
 def critic_server(tmp_path_factory):
     """One real vLLM OpenAI-compatible server on the tiny VLM, as `artaug critic serve` starts it."""
-    from artaug.critique.server import start_server, stop_server, wait_ready
+    from artaug.critic.server import start_server, stop_server, wait_ready
     from tests.conftest import free_port
 
     cfg = tiny_config().critique

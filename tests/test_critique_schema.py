@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artaug.critique.heuristic import heuristic_critique, image_statistics
-from artaug.critique.schema import (
+from artaug.critic.heuristic import heuristic_critique
+from artaug.critic.instruction import TEMPLATE_VERSION, instruction
+from artaug.critic.schema import (
     CritiqueError,
     critique_schema,
     normalise_box,
     parse_critique,
     qwen25_resized_size,
 )
-from artaug.critique.template import TEMPLATE_VERSION, instruction
-from artaug.images import BadImageError, decode_image
+from artaug.images import BadImageError, decode_image, image_statistics
 
 GOOD = {
     "assessment": "Pleasant but dim.",

@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from artaug import schema, storage
+from artaug import storage
 from artaug.cli import main as cli
 from artaug.config import ModelConfig
-from artaug.flux_loop import Job, Region, compose, region_mask, sample
+from artaug.models.sampling import Job, Region, compose, region_mask, sample
 from artaug.models.synthesis import load_pipeline
 from artaug.photometric import apply_adjustments
+from artaug.rows import CRITIQUE
+from artaug.stages.contract import StageInputError, read_stage
 from artaug.stages.enhance import EnhanceInputError, check_ids, enhance
-from artaug.stages.generate import read_stage
 from tests.conftest import tiny_config
 
 
@@ -155,9 +156,9 @@ def inputs(ray_local, tmp_path_factory) -> str:
             critique = {**empty, "rewritten_prompt": "", "rejected_regions": [], **partial}
         rows.append({**row, "status": "ok" if critique else "failed",
                      "critique": json.dumps(critique) if critique else None, "backend": "test"})  # fmt: skip
-    rows = [{name: r.get(name) for name in schema.CRITIQUE.names} for r in rows]
+    rows = [{name: r.get(name) for name in CRITIQUE.names} for r in rows]
     (root / "critique").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema.CRITIQUE), root / "critique" / "part.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=CRITIQUE), root / "critique" / "part.parquet")
     storage.mark_complete(str(root / "critique"), {"rows": 4})
     return str(root)
 
@@ -211,10 +212,10 @@ def test_photometric_and_img2img_stages(inputs, tmp_path):
 def test_mismatched_inputs_fail_before_ray_work(inputs, tmp_path):
     other = tmp_path / "critique"
     other.mkdir()
-    row = {name: None for name in schema.CRITIQUE.names} | {"prompt_id": "zzz", "seed": 9, "round": 1}
-    pq.write_table(pa.Table.from_pylist([row], schema=schema.CRITIQUE), other / "part.parquet")
+    row = {name: None for name in CRITIQUE.names} | {"prompt_id": "zzz", "seed": 9, "round": 1}
+    pq.write_table(pa.Table.from_pylist([row], schema=CRITIQUE), other / "part.parquet")
     storage.mark_complete(str(other), {"rows": 1})
     with pytest.raises(EnhanceInputError, match="zzz"):
         enhance(tiny_config(), inputs, str(tmp_path), str(tmp_path / "out"))
-    with pytest.raises(EnhanceInputError, match="not a completed critique output"):
+    with pytest.raises(StageInputError, match="holds a completed critique stage"):
         enhance(tiny_config(), inputs, str(tmp_path / "nothing"), str(tmp_path / "out"))

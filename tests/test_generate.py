@@ -13,7 +13,9 @@ from PIL import Image
 from artaug import storage
 from artaug.cli import main as cli
 from artaug.prompts import read_prompts
-from artaug.stages.generate import FluxGenerator, generate, read_stage
+from artaug.stages.contract import read_stage
+from artaug.stages.generate import generate
+from artaug.stages.generator import FluxGenerator
 from tests.conftest import tiny_config
 
 BATCH_TOLERANCE = 2  # max |difference| in 8-bit pixel values between batch sizes (float rounding)

@@ -146,7 +146,7 @@ def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket
     assert storage.exists(f"{out}/run.yaml")
     summary = storage.read_summary(f"{out}/round-1/generate")
     assert (summary["rows"], summary["images"], summary["errors"]) == (2, 2, 0)
-    for stage in ("critique", "enhance", "filter", "train/lora", "fuse"):
+    for stage in ("critique", "enhance", "filter", "train", "register"):
         assert storage.is_complete(f"{out}/round-1/{stage}"), stage
     assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["status"] == "finished"
     assert storage.exists(f"{out}/lora/combined.safetensors")

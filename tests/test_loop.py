@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from artaug.layout import RunLayout
 from tests.conftest import free_port
 
 # Two rounds over two prompts; the judge is the critic's own tiny model, so one engine serves both.
@@ -66,14 +67,14 @@ def test_run_completes_every_stage(finished_run):
     assert data["status"] == "finished"
     for k in ("1", "2"):
         stages = data["rounds"][k]
-        assert set(stages) == {"generate", "critique", "enhance", "filter", "train", "fuse"}
+        assert set(stages) == {"generate", "critique", "enhance", "filter", "train", "register"}
         assert all(s["status"] == "complete" and s["attempt"] == 0 for s in stages.values()), stages
-        assert stages["generate"]["rows"] == 2 and stages["critique"]["metrics"]["backend"] == "openai"
+        assert stages["generate"]["rows"] == 2 and stages["critique"]["metrics"]["backend"] == "vllm"
     assert [data["final"][s]["status"] for s in ("combine", "evaluate", "report")] == ["complete"] * 3
     # Round 2 started from round 1's LoRA; the combined adapter holds both rounds.
-    fuse2 = data["rounds"]["2"]["fuse"]["metrics"]["loras"]
-    assert len(fuse2) == 2 and fuse2[0].endswith("round-1/train/lora/pytorch_lora_weights.safetensors")
-    assert data["final"]["combine"]["metrics"]["inputs"] == fuse2
+    registered = data["rounds"]["2"]["register"]["metrics"]["loras"]
+    assert len(registered) == 2 and registered[0] == RunLayout(run_dir).round(1).train.lora
+    assert data["final"]["combine"]["metrics"]["inputs"] == registered
     assert data["critic_engine"]["url"].startswith("http://")
     # Facts a reader needs to trust the outputs, and no secret among them.
     assert {"torch", "diffusers", "ray", "deepspeed"} <= set(data["packages"])
@@ -238,7 +239,7 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run):
 
 def test_run_directory_of_another_version_is_refused(tmp_path):
     from artaug.config import load_config
-    from artaug.pipeline import start
+    from artaug.loop.runner import start
 
     run_dir = str(tmp_path / "old-run")
     start(load_config("tiny"), run_dir)
@@ -254,7 +255,7 @@ def test_run_directory_of_another_version_is_refused(tmp_path):
 def test_stage_metrics_reach_rays_prometheus_endpoint(ray_local):
     import requests
 
-    from artaug.observe import record_stage
+    from artaug.loop.observe import record_stage
 
     record_stage("metrics-test", 1, "generate", {"rows": 5, "errors": 1, "seconds": 2.0})
     port = ray_local.nodes()[0]["MetricsExportPort"]
@@ -273,3 +274,25 @@ def test_stage_metrics_reach_rays_prometheus_endpoint(ray_local):
         line.startswith("ray_artaug_stage_images_per_s") and "metrics-test" in line
         for line in text.splitlines()
     )
+
+
+def test_a_run_that_starts_from_a_lora_evaluates_what_serve_serves(tmp_path):
+    """With model.loras [X], the evaluation compares [X] with [X, combined]: the served model."""
+    from artaug.config import load_config
+    from artaug.loop.runner import evaluated_models, start
+    from artaug.serve.launch import resolve_config
+
+    start_lora = tmp_path / "start.safetensors"
+    start_lora.write_bytes(b"not read here")
+    run_dir = str(tmp_path / "run")
+    cfg = load_config("tiny", overrides=[f"model.loras={start_lora}"])
+    start(cfg, run_dir)
+    layout = RunLayout(run_dir)
+    os.makedirs(os.path.dirname(layout.combined_lora))
+    open(layout.combined_lora, "wb").close()
+
+    base, enhanced = evaluated_models(cfg, layout)
+    assert base.loras == [str(start_lora)]
+    assert enhanced.loras == [str(start_lora), layout.combined_lora]
+    served = resolve_config(run_dir=run_dir).model
+    assert served.loras == enhanced.loras and served.source == enhanced.source

@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 
 from artaug.cli import main as cli
 from artaug.config import ModelConfig
-from artaug.lora import combine, fuse_into_transformer, lora_layers, read_factors, read_metadata, save_lora
-from artaug.lora_export import export
+from artaug.lora.algebra import combine, read_factors
+from artaug.lora.export import export
+from artaug.lora.files import read_metadata, save_lora
+from artaug.lora.fuse import fuse_into_transformer, lora_layers
 from artaug.models.synthesis import load_pipeline
 from artaug.models.tiny import build_tiny_flux
 from tests.test_models import render

@@ -6,6 +6,7 @@ import io
 import json
 import os
 from importlib import resources
+from xml.etree import ElementTree
 
 import numpy as np
 import pyarrow as pa
@@ -14,17 +15,18 @@ import pytest
 import torch
 from PIL import Image
 
-from artaug import schema, stats, storage
+from artaug import stats, storage
 from artaug.cli import main as cli
 from artaug.config import FilterConfig, SafetyConfig, load_config
-from artaug.judge import JUDGE_SCHEMA, compose, parse_judgement
-from artaug.safety import ClipConceptChecker, SafetyConfigError
+from artaug.critic.judge import JUDGE_SCHEMA, compose, parse_judgement
+from artaug.rows import PAIR
 from artaug.scorers import ScorerWeightsError, build_scorer
 from artaug.scorers.base import load_state_dict
 from artaug.scorers.clip_family import ClipBackbone
 from artaug.scorers.heads import head_state_dict, random_head
+from artaug.scorers.safety import ClipConceptChecker, SafetyConfigError
+from artaug.stages.contract import read_stage
 from artaug.stages.filter import apply_decisions, decision_schema
-from artaug.stages.generate import read_stage
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -234,7 +236,7 @@ def test_clip_concepts_checker_flags_by_per_concept_threshold(cache, tmp_path):
 
 
 def scored_row(pid, aesthetic, alignment, unsafe=False, unchanged=False, problem=None) -> dict:
-    row = {name: None for name in schema.PAIR.names}
+    row = {name: None for name in PAIR.names}
     row.update(prompt_id=pid, prompt="p", seed=1, round=1, unchanged=unchanged, image_problem=problem)
     row.update(laion_aesthetic_before=aesthetic[0], laion_aesthetic_after=aesthetic[1],
                clip_score_before=alignment[0], clip_score_after=alignment[1], unsafe_after=unsafe,
@@ -245,7 +247,7 @@ def scored_row(pid, aesthetic, alignment, unsafe=False, unchanged=False, problem
 def decisions(rows: list[dict], **rule) -> dict:
     from artaug.stages.scoring import scored_schema
 
-    table = pa.Table.from_pylist(rows, schema=scored_schema(schema.PAIR, ["laion_aesthetic", "clip_score"],
+    table = pa.Table.from_pylist(rows, schema=scored_schema(PAIR, ["laion_aesthetic", "clip_score"],
                                                             ("before", "after"), True))  # fmt: skip
     out = apply_decisions(table, FilterConfig(**rule))
     assert out.schema == decision_schema(table.schema)
@@ -360,13 +362,14 @@ def test_judge_answers_parse_or_count_as_missing():
 
 
 def test_evaluation_warns_when_it_reuses_the_filters_scorers():
-    from artaug.stages.evaluate import overlap_warnings
+    from artaug.stages.evaluate.metrics import overlap_warnings
 
-    assert overlap_warnings(tiny_config()) == []
+    filter_scorers = ["laion_aesthetic", "clip_score"]
+    assert overlap_warnings(tiny_config(), filter_scorers) == []
     overlapping = tiny_config(**{"evaluate.scorers": "clip_score,image_stats"})
-    assert any("clip_score" in w for w in overlap_warnings(overlapping))
+    assert any("clip_score" in w for w in overlap_warnings(overlapping, filter_scorers))
     same_judge = load_config("flux-dev", overrides=["evaluate.judge_model=Qwen/Qwen2.5-VL-72B-Instruct"])
-    assert any("critic" in w for w in overlap_warnings(same_judge))
+    assert any("critic" in w for w in overlap_warnings(same_judge, filter_scorers))
     assert load_config("flux-dev").evaluate.judge_model != load_config("flux-dev").critique.model
 
 
@@ -415,9 +418,7 @@ def test_filter_stage_end_to_end(ray_local, cache, tmp_path, capsys):
     pairs.mkdir()
     rows = pair_rows()
     for part in (0, 1):  # two files, as a Ray Data writer leaves them
-        pq.write_table(
-            pa.Table.from_pylist(rows[part::2], schema=schema.PAIR), str(pairs / f"part-{part}.parquet")
-        )
+        pq.write_table(pa.Table.from_pylist(rows[part::2], schema=PAIR), str(pairs / f"part-{part}.parquet"))
     out = str(tmp_path / "out")
     args = ["filter", "--pairs", str(pairs), "--out", out, "--set", f"scorers.cache_dir={cache}",
             "--set", "filter.delta=0", "--set", "filter.epsilon=1000"]  # fmt: skip
@@ -425,7 +426,7 @@ def test_filter_stage_end_to_end(ray_local, cache, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "6 pairs" in printed and "2 with missing images" in printed
     table = read_stage(f"{out}/filter")
-    assert table.num_rows == 6 and set(schema.PAIR.names) <= set(table.column_names)
+    assert table.num_rows == 6 and set(PAIR.names) <= set(table.column_names)
     got = {r["prompt_id"]: r for r in table.to_pylist()}
     # The stored scores are the scorers' own, for the right image of the right pair.
     scorer = build_scorer("laion_aesthetic", scorers_cfg(cache), CPU)
@@ -506,14 +507,15 @@ def test_evaluate_base_vs_lora_end_to_end(ray_local, cache, tmp_path, capsys):
         assert j["winner"] in ("left", "right", "tie"), j
     assert "judge" in metrics["judge_model"] or "seed1" in metrics["judge_model"]
 
-    for chart in ("scores.png", "differences.png", "mllm_win_rate.png"):
-        with Image.open(f"{out}/plots/{chart}") as image:
-            assert image.format == "PNG" and image.width >= 600
+    for chart in ("scores.svg", "differences.svg", "mllm_win_rate.svg"):
+        svg = ElementTree.parse(f"{out}/plots/{chart}").getroot()
+        assert svg.tag.endswith("svg") and int(svg.get("width")) >= 600
+        assert len(list(svg.iter())) > 5  # drawn, not an empty frame
     assert "MLLM judge (not human)" in open(f"{out}/report.txt").read()
     assert cli(args) == 2  # an existing evaluation is kept unless --overwrite
 
 
 def image_exposure(data: bytes) -> float:
-    from artaug.critique.heuristic import image_statistics
+    from artaug.images import image_statistics
 
     return image_statistics(Image.open(io.BytesIO(data)).convert("RGB"))["exposure"]

@@ -7,6 +7,7 @@ model replica's own counters (`FluxModel.stats`): denoising steps run, calls can
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import socket
 import threading
@@ -15,11 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import ray
 import requests
-import torch
 from PIL import Image
+from ray import serve
 
+from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
+from artaug.serve.app import build_app
+from artaug.serve.launch import resolve_config
 from tests.conftest import free_port
 from tests.test_models import make_lora
 
@@ -35,11 +40,6 @@ def lora_file(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def served(ray_local, tiny_dir, lora_file):
     """The app on 127.0.0.1:<free port>; yields (base URL, resolved config, model handle)."""
-    from ray import serve
-
-    from artaug.serve.app import build_app
-    from artaug.serve.launch import resolve_config
-
     port = free_port()
     cfg = resolve_config(
         lora=lora_file,
@@ -68,24 +68,21 @@ def stats(handle) -> dict:
     return handle.stats.remote().result(timeout_s=30)
 
 
-def reference_images(cfg, prompt: str, seeds: list[int], size=(64, 64), steps=None) -> list[np.ndarray]:
-    """The in-process fused pipeline, called the way the replica calls it (one batch)."""
-    pipe = load_pipeline(cfg.model)
-    with torch.inference_mode():
-        images = pipe(
-            prompt=[prompt] * len(seeds),
-            width=size[0],
-            height=size[1],
-            num_inference_steps=steps or cfg.generate.steps,
-            guidance_scale=cfg.generate.guidance,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            max_sequence_length=cfg.model.max_sequence_length,
-            output_type="pil",
-        ).images
+def reference_images(cfg, prompt: str, seeds: list[int], size=(64, 64), steps=None, guidance=None):
+    """What the generate stage's sampling draws for these rows, in-process (one call, as the replica)."""
+    images = sample(
+        load_pipeline(cfg.model),
+        [Job(prompt, seed) for seed in seeds],
+        width=size[0],
+        height=size[1],
+        steps=steps or cfg.generate.steps,
+        guidance=cfg.generate.guidance if guidance is None else guidance,
+        max_sequence_length=cfg.model.max_sequence_length,
+    )
     return [np.asarray(image.convert("RGB")) for image in images]
 
 
-def test_served_images_equal_the_in_process_fused_pipeline(served):
+def test_served_images_equal_the_generate_stages_sampling(served):
     url, cfg, handle = served
     prompt = "a lighthouse on a cliff at dusk"
     one = post(url, {"prompt": prompt, "seed": 7})
@@ -93,17 +90,19 @@ def test_served_images_equal_the_in_process_fused_pipeline(served):
     body = one.json()
     assert body["model"] == cfg.serve.model_name and body["size"] == "64x64"
     assert [d["seed"] for d in body["data"]] == [7]
-    two = post(url, {"prompt": prompt, "seed": 11, "n": 2, "size": "64x64", "model": cfg.serve.model_name})
+    settings = {"size": "64x48", "steps": 3, "guidance": 5.5}
+    two = post(url, {"prompt": prompt, "seed": 11, "n": 2, "model": cfg.serve.model_name, **settings})
     assert two.status_code == 200, two.text
     assert [d["seed"] for d in two.json()["data"]] == [11, 12]
+    assert (two.json()["size"], two.json()["steps"], two.json()["guidance"]) == ("64x48", 3, 5.5)
 
     (expected_one,) = reference_images(cfg, prompt, [7])
-    expected_two = reference_images(cfg, prompt, [11, 12])
+    expected_two = reference_images(cfg, prompt, [11, 12], size=(64, 48), steps=3, guidance=5.5)
     np.testing.assert_array_equal(decode(body["data"][0]["b64_json"]), expected_one)
     for served_image, expected in zip(two.json()["data"], expected_two, strict=True):
         np.testing.assert_array_equal(decode(served_image["b64_json"]), expected)
     # The LoRA is really fused (the base model draws something else) and no LoRA layer is left.
-    base_cfg = type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(**{**cfg.model.__dict__, "loras": []})})
+    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loras=[]))
     (base,) = reference_images(base_cfg, prompt, [7])
     assert np.abs(base.astype(int) - expected_one.astype(int)).max() > 0
     assert stats(handle)["lora_layers"] == 0
@@ -265,9 +264,6 @@ def test_request_timeout_answers_504_and_stops_the_work(served):
 
 def test_shutdown_finishes_in_flight_requests_then_closes(served):
     """Last in the module: deleting the app lets a running request finish, then nothing is left."""
-    import ray
-    from ray import serve
-
     url, _, handle = served
     results = {}
     before = stats(handle)["steps"]

@@ -1,7 +1,8 @@
 """`artaug serve`: what it serves, how it refuses bad input, the deploy manifests, and a real run.
 
-Runs after tests/test_serve.py has shut its Serve instance down: the end-to-end test starts
-`artaug serve` as its own process, joined to the session's Ray, and stops it with SIGINT.
+Runs after tests/test_serve.py has shut its Serve instance down. The end-to-end tests start
+`artaug serve` as its own process: one joined to the session's Ray and stopped with SIGINT, one on
+its own private Ray and stopped with SIGTERM (as kill, systemd, Kubernetes and `ray job stop` do).
 """
 
 from __future__ import annotations
@@ -9,23 +10,29 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
-import torch
 import yaml
 from PIL import Image
+from ray.serve.schema import ServeDeploySchema
 
 from artaug.cli import main as cli
 from artaug.config import to_yaml
+from artaug.layout import RunLayout
+from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
-from artaug.serve.launch import COMBINED_LORA, ServeSetupError, resolve_config
+from artaug.serve.app import app_builder
+from artaug.serve.launch import ServeSetupError, resolve_config
 from tests.conftest import free_port, tiny_config
 from tests.test_models import make_lora
 
@@ -38,15 +45,16 @@ def run_dir(tmp_path_factory, tiny_dir) -> Path:
     path = tmp_path_factory.mktemp("run")
     (path / "run.yaml").write_text(to_yaml(tiny_config(**{"model.source": tiny_dir, "name": "demo"})))
     lora = make_lora(tmp_path_factory.mktemp("lora-src"), seed=2)
-    (path / "lora").mkdir()
-    shutil.copy(lora, path / COMBINED_LORA)
+    combined = Path(RunLayout(str(path)).combined_lora)
+    combined.parent.mkdir(parents=True)
+    shutil.copy(lora, combined)
     return path
 
 
 def test_a_run_directory_serves_its_combined_lora(run_dir, tiny_dir):
     cfg = resolve_config(run_dir=str(run_dir), overrides=["serve.port=9123"])
     assert cfg.name == "demo" and cfg.model.source == tiny_dir
-    assert cfg.model.loras == [str(run_dir / COMBINED_LORA)]
+    assert cfg.model.loras == [RunLayout(str(run_dir)).combined_lora]
     assert cfg.serve.port == 9123 and cfg.serve.host == "127.0.0.1"
 
 
@@ -92,10 +100,6 @@ def test_only_safetensors_are_loaded(tmp_path, capsys):
 
 
 def test_serve_config_passes_rays_own_schema():
-    from ray.serve.schema import ServeDeploySchema
-
-    from artaug.serve.app import app_builder
-
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text()))
     (app,) = config.applications
     module, _, name = app.import_path.partition(":")
@@ -105,8 +109,6 @@ def test_serve_config_passes_rays_own_schema():
 
 
 def test_rayservice_runs_the_same_application():
-    from ray.serve.schema import ServeDeploySchema
-
     service = yaml.safe_load((ROOT / "clusters" / "rayservice.yaml").read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
@@ -125,8 +127,6 @@ def test_rayservice_runs_the_same_application():
 
 
 def test_app_builder_rejects_unknown_args():
-    from artaug.serve.app import app_builder
-
     with pytest.raises(ValueError, match="unknown application args"):
         app_builder({"run_dir": "r", "adapter_path": "/etc/passwd"})
 
@@ -167,16 +167,84 @@ def test_artaug_serve_answers_with_the_runs_fused_model_and_stops_cleanly(ray_lo
     assert not left, left
 
     cfg = resolve_config(run_dir=str(run_dir))
-    pipe = load_pipeline(cfg.model)
-    with torch.inference_mode():
-        (expected,) = pipe(
-            prompt=["a red kite over the sea"],
-            width=64,
-            height=64,
-            num_inference_steps=cfg.generate.steps,
-            guidance_scale=cfg.generate.guidance,
-            generator=[torch.Generator("cpu").manual_seed(5)],
-            max_sequence_length=cfg.model.max_sequence_length,
-            output_type="pil",
-        ).images
+    (expected,) = sample(
+        load_pipeline(cfg.model),
+        [Job("a red kite over the sea", 5)],
+        width=64,
+        height=64,
+        steps=cfg.generate.steps,
+        guidance=cfg.generate.guidance,
+        max_sequence_length=cfg.model.max_sequence_length,
+    )
     np.testing.assert_array_equal(served[..., :3], np.asarray(expected.convert("RGB")))
+
+
+def family_of(pid: int) -> list[psutil.Process]:
+    """The processes `pid` started: its descendants and everything else in its process group (Ray's
+    GCS, raylet and workers join the group of the driver that starts a local Ray)."""
+    family = {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
+    for process in psutil.process_iter():
+        try:
+            if process.pid != pid and os.getpgid(process.pid) == pid:
+                family.setdefault(process.pid, process)
+        except (OSError, psutil.Error):
+            continue
+    return list(family.values())
+
+
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (not the same pid reused, not a zombie waiting to be reaped)."""
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return running
+
+
+def test_sigterm_stops_artaug_serve_and_its_ray_cleanly(tmp_path):
+    """`artaug serve` (the tiny default, on its own local Ray) stopped with SIGTERM, as kill, systemd,
+    Kubernetes and `ray job stop` stop it: the same clean stop as Ctrl-C, and no Ray process left."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:  # a file, not a pipe: Ray's log lines never block the server
+        server = subprocess.Popen(
+            [sys.executable, "-m", "artaug.cli", "serve", "--port", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, which the Ray it starts joins
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "not healthy within 300 s:\n" + log_path.read_text()[-4000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the app still deploying
+                pass
+            time.sleep(0.5)
+        ray_side = family_of(server.pid)
+        names = {p.name() for p in ray_side}
+        assert {"raylet", "gcs_server"} <= names, names
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    output = log_path.read_text()
+    assert server.returncode == 0, output[-4000:]
+    assert "stopped" in output.splitlines(), output[-4000:]
+    assert "SIGTERM received" not in output
+    deadline = time.monotonic() + 5
+    while still_running(ray_side) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = still_running(ray_side)
+    described = [f"{p.pid} {p.name()}" for p in left]
+    for process in left:  # leave nothing behind, then fail
+        process.kill()
+    assert not left, described

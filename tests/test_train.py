@@ -19,11 +19,13 @@ from safetensors.torch import load_file, save_file
 from artaug import storage
 from artaug.cli import main as cli
 from artaug.config import ModelConfig
-from artaug.lora import WEIGHT_NAME, LoraFileError, read_metadata
+from artaug.lora.files import WEIGHT_NAME, LoraFileError, read_metadata
+from artaug.models.flow_matching import image_ids, pack, predict, sample_timesteps
 from artaug.models.synthesis import load_pipeline
-from artaug.stages.cache_latents import skip_reason_kind
-from artaug.train.loop import PHASE1_FILE, PROBE_FILE, FaultInjection, sample_indices, weights_digest
-from artaug.train.objective import image_ids, pack, predict, sample_timesteps
+from artaug.train.checks import weights_digest
+from artaug.train.data import sample_indices
+from artaug.train.latents import skip_reason_kind
+from artaug.train.worker import PHASE1_FILE, PROBE_FILE, FaultInjection
 from tests.conftest import tiny_config
 from tests.pairs import pair_row, png, write_pairs
 
@@ -75,8 +77,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     """The GPU presets recompute activations; on the tiny model the LoRA gradients must not change."""
     from peft import LoraConfig
 
+    from artaug.models.flow_matching import flow_matching_loss
     from artaug.models.tiny import build_tiny_flux
-    from artaug.train.objective import flow_matching_loss
 
     grads = []
     for checkpointing in (False, True):
@@ -105,7 +107,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_lora_with_foreign_keys_fails_naming_them(tmp_path):
     from peft import LoraConfig
 
-    from artaug.lora import save_lora
+    from artaug.lora.files import save_lora
     from artaug.models.tiny import build_tiny_flux
 
     transformer = build_tiny_flux(0).transformer
@@ -163,17 +165,17 @@ def differential(ray_local, tmp_path_factory):
     out = str(root / "out")
     args = ["train", "--pairs", pairs, "--out", out]
     code = cli(args)
-    return {"out": out, "args": args, "code": code, "summary": storage.read_summary(f"{out}/lora")}
+    return {"out": out, "args": args, "code": code, "summary": storage.read_summary(out)}
 
 
 def test_cli_writes_the_run_and_refuses_to_overwrite(differential, capsys):
     out = differential["out"]
     assert differential["code"] == 0
-    assert storage.is_complete(f"{out}/lora") and storage.is_complete(f"{out}/latents")
+    assert storage.is_complete(out) and storage.is_complete(f"{out}/latents")
     assert "mode: differential" in open(f"{out}/run.yaml").read()
-    assert sorted(os.listdir(f"{out}/lora")) == ["_SUCCESS", "metrics.jsonl", WEIGHT_NAME]
+    assert sorted(os.listdir(f"{out}/lora")) == ["metrics.jsonl", WEIGHT_NAME]
     assert cli(differential["args"]) == 2
-    assert "already holds a trained LoRA" in capsys.readouterr().err
+    assert "already holds a completed stage (train)" in capsys.readouterr().err
 
 
 def test_bad_pairs_are_skipped_and_counted(differential):
@@ -273,7 +275,7 @@ def test_alpha_different_from_rank_survives_saving(differential, tmp_path):
 
 
 def fit_tiny(cache_dir: str, out: str, faults=(), **overrides) -> dict:
-    from artaug.train.launch import fit
+    from artaug.train.trainer import fit
 
     return fit(tiny_config(**overrides), cache_dir, out, faults=faults)
 
@@ -298,7 +300,7 @@ def test_killed_worker_recovers_and_a_stopped_run_resumes_exactly(differential, 
         fit_tiny(cache, out, faults, **{"train.max_failures": 1})
     assert open(tmp_path / "killed-1").read() == "killed rank 1 after step 6\n"
     assert open(tmp_path / "killed-2").read() == "killed rank 0 after step 13\n"
-    assert not storage.is_complete(f"{out}/lora")
+    assert not storage.exists(f"{out}/lora/{WEIGHT_NAME}")  # a failed fit leaves no LoRA behind
     summary = fit_tiny(cache, out)
     assert summary["restarts"] == [{"from_step": 4}, {"from_step": 12}]
     reference = differential["out"]
@@ -314,7 +316,7 @@ def test_killed_worker_recovers_and_a_stopped_run_resumes_exactly(differential, 
     for key, value in weights.items():
         torch.testing.assert_close(value, reference_weights[key], atol=0, rtol=0)
     # Checkpoints of one configuration are never resumed by another.
-    from artaug.train.launch import CheckpointConflictError
+    from artaug.train.trainer import CheckpointConflictError
 
     with pytest.raises(CheckpointConflictError, match="another training configuration"):
         fit_tiny(cache, out, **{"train.learning_rate": 0.5})
@@ -341,8 +343,8 @@ def test_direct_mode_trains_after_images_only_and_diffusers_reproduces_it(differ
 def test_pairwise_average_is_the_mean_of_the_subset_deltas(differential, tmp_path):
     """Two differential runs on disjoint halves of the pairs; the written adapter's weight change is the
     mean of theirs (computed here from the two subset files), and diffusers loads it like any LoRA."""
-    from artaug.lora import read_factors
-    from artaug.stages.cache_latents import read_cache
+    from artaug.lora.algebra import read_factors
+    from artaug.train.latents import read_cache
 
     cache, out = f"{differential['out']}/latents", str(tmp_path / "out")
     overrides = {

@@ -1,38 +1,43 @@
-"""Load the synthesis model (a FLUX pipeline) and fuse a list of LoRAs into its weights.
+"""The synthesis model (a FLUX pipeline): which weights a run means, and loading them.
 
 `source` is a hub id, a local folder written by save_pretrained, or "tiny". A local folder is read
 with local_files_only, so it never touches the network; a missing one fails before Ray starts
-(`check_source`), naming the path.
+(`check_source`), naming the path. The LoRAs of `ModelConfig.loras` are fused in order on load:
+`model_of_round` and `enhanced_model` are the one definition of which LoRAs a model carries.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
+import artaug.models.patch_vae  # noqa: F401  (diffusers resolves the tiny patch VAE's class from imported modules)
 from artaug.config import ModelConfig
+from artaug.errors import ArtaugError
+from artaug.hub import looks_local
+from artaug.lora.fuse import fuse_into_pipeline, fuse_into_transformer, lora_layers
+from artaug.models.tiny import build_tiny_flux
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelSourceError(FileNotFoundError):
+class ModelSourceError(ArtaugError, FileNotFoundError):
     """A model folder or LoRA file does not exist or is not a diffusers pipeline."""
 
 
-def _register_custom_components() -> None:
-    """diffusers resolves a component class saved from outside its libraries (the tiny patch VAE) from
-    the modules already imported, so import them before reading a local folder."""
-    import artaug.models.patch_vae  # noqa: F401
+def model_of_round(model: ModelConfig, earlier_rounds: list[str]) -> ModelConfig:
+    """The model round k samples from: the configured model (with the LoRAs it starts from) plus the
+    LoRAs of rounds 1..k-1, fused in order."""
+    return dataclasses.replace(model, loras=[*model.loras, *earlier_rounds])
 
 
-def looks_local(source: str) -> bool:
-    """A path (absolute, relative with ./ or ../, ~, or existing) rather than a hub id."""
-    return (
-        source.startswith(("/", "./", "../", "~"))
-        or os.path.exists(os.path.expanduser(source))
-        or source.count("/") > 1
-    )
+def enhanced_model(model: ModelConfig, combined: str) -> ModelConfig:
+    """What a run produces and `artaug serve` serves: the configured model plus the rounds' combined LoRA."""
+    return model_of_round(model, [combined])
 
 
 def check_source(cfg: ModelConfig) -> None:
@@ -64,132 +69,88 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return DTYPES[cfg.dtype]
 
 
+def _from_source(cls, cfg: ModelConfig, dtype: torch.dtype, **kwargs):
+    """`cls.from_pretrained` for a local folder (never the network) or a hub id at the pinned revision."""
+    if looks_local(cfg.source):
+        return cls.from_pretrained(
+            os.path.expanduser(cfg.source), dtype=dtype, local_files_only=True, **kwargs
+        )
+    return cls.from_pretrained(cfg.source, dtype=dtype, revision=cfg.revision or None, **kwargs)
+
+
+def _tiny_pipeline(cfg: ModelConfig, dtype: torch.dtype):
+    pipe = build_tiny_flux(cfg.tiny_seed)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
 def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
     """The FLUX pipeline on `device` with cfg.loras fused in order and no LoRA layers left."""
-    from diffusers import FluxPipeline
+    check_source(cfg)
+    device = device or pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    pipe = _tiny_pipeline(cfg, dtype) if cfg.source == "tiny" else _from_source(FluxPipeline, cfg, dtype)
+    fuse_into_pipeline(pipe, cfg.loras, cfg.lora_scale)
+    return _ready(pipe, device)
 
+
+def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
+    """The FLUX pipeline without its transformer (VAE, CLIP, T5): what the latent cache needs."""
     check_source(cfg)
     device = device or pick_device(cfg)
     dtype = pick_dtype(cfg, device)
     if cfg.source == "tiny":
-        from artaug.models.tiny import build_tiny_flux
-
-        pipe = build_tiny_flux(cfg.tiny_seed)
-        if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
-    elif looks_local(cfg.source):
-        _register_custom_components()
-        pipe = FluxPipeline.from_pretrained(
-            os.path.expanduser(cfg.source), dtype=dtype, local_files_only=True
-        )
+        pipe = _tiny_pipeline(cfg, dtype)
+        pipe.transformer = None
     else:
-        pipe = FluxPipeline.from_pretrained(cfg.source, dtype=dtype, revision=cfg.revision or None)
-    fuse_loras(pipe, cfg.loras, cfg.lora_scale)
+        pipe = _from_source(FluxPipeline, cfg, dtype, transformer=None)
+    return _ready(pipe, device)
+
+
+def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The FLUX transformer alone, with cfg.loras fused in order: the base a training round starts from."""
+    check_source(cfg)
+    if cfg.source == "tiny":
+        transformer = build_tiny_flux(cfg.tiny_seed).transformer
+    else:
+        transformer = _from_source(FluxTransformer2DModel, cfg, dtype, subfolder="transformer")
+    if transformer.dtype != dtype:  # (a no-op cast still warns about modules kept in float32)
+        transformer = transformer.to(dtype=dtype)
+    transformer = transformer.to(device)
+    for index, path in enumerate(cfg.loras):
+        fuse_into_transformer(transformer, path, cfg.lora_scale, name=f"fused_{index}")
+    if device.type == "cpu":
+        _own_aligned_memory(transformer)
+    return transformer
+
+
+def save_fused(cfg: ModelConfig, out: str) -> dict:
+    """`artaug fuse`: the model of `cfg` (its LoRAs fused) saved as a plain diffusers folder at `out`."""
+    pipe = load_pipeline(dataclasses.replace(cfg, device="cpu"))
+    left = [n for c in pipe.components.values() if isinstance(c, torch.nn.Module) for n in lora_layers(c)]
+    if left:  # anything left would be served as a slower model
+        raise RuntimeError(f"LoRA layers left after fusing: {left[:4]}")
+    pipe.save_pretrained(out, safe_serialization=True)
+    record = {"base": cfg.source, "loras": list(cfg.loras), "scale": cfg.lora_scale}
+    with open(os.path.join(out, "fused_loras.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def _ready(pipe, device: torch.device):
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cpu":
-        _own_aligned_memory(pipe)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                _own_aligned_memory(component)
     return pipe.to(device)
 
 
-def _own_aligned_memory(pipe) -> None:
+def _own_aligned_memory(module: torch.nn.Module) -> None:
     """Copy memory-mapped weights into fresh tensors.
 
     safetensors maps weights at arbitrary byte offsets, and CPU matmul kernels round differently on
     unaligned memory: without the copy a reloaded model's images differ from the in-memory model's
     in the last bits. Fresh allocations are aligned, so outputs are byte-identical.
     """
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            for tensor in [*component.parameters(), *component.buffers()]:
-                tensor.data = tensor.data.clone()
-
-
-def fuse_loras(pipe, loras: list[str], scale: float = 1.0) -> None:
-    """Fuse each LoRA into the weights one after another, then drop the LoRA layers.
-
-    A file whose keys match no layer of the model is refused (diffusers would skip them with a warning).
-    """
-    from artaug.lora import check_fits
-
-    for index, path in enumerate(loras):
-        name = f"fused_{index}"
-        local = _local_copy(path)
-        check_fits(local, {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
-        pipe.load_lora_weights(local, adapter_name=name)
-        pipe.fuse_lora(adapter_names=[name], lora_scale=scale)
-        pipe.unload_lora_weights()
-
-
-def _local_copy(path: str) -> str:
-    """LoRA files on object stores are fetched to a local temp file for diffusers."""
-    if "://" not in path:
-        return os.path.expanduser(path)
-    import tempfile
-
-    from artaug.storage import read_bytes
-
-    handle = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False)
-    with handle:
-        handle.write(read_bytes(path))
-    return handle.name
-
-
-def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
-    """The FLUX pipeline without its transformer (VAE, CLIP, T5): what the latent cache needs."""
-    from diffusers import FluxPipeline
-
-    check_source(cfg)
-    device = device or pick_device(cfg)
-    dtype = pick_dtype(cfg, device)
-    if cfg.source == "tiny":
-        from artaug.models.tiny import build_tiny_flux
-
-        pipe = build_tiny_flux(cfg.tiny_seed)
-        pipe.transformer = None
-        if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
-    else:
-        local = looks_local(cfg.source)
-        _register_custom_components()
-        pipe = FluxPipeline.from_pretrained(
-            os.path.expanduser(cfg.source) if local else cfg.source,
-            transformer=None,
-            dtype=dtype,
-            local_files_only=local,
-            revision=None if local else (cfg.revision or None),
-        )
-    pipe.set_progress_bar_config(disable=True)
-    if device.type == "cpu":
-        _own_aligned_memory(pipe)
-    return pipe.to(device)
-
-
-def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
-    """The FLUX transformer alone, with cfg.loras fused in order: the base a training round starts from."""
-    from diffusers import FluxTransformer2DModel
-
-    from artaug.lora import fuse_into_transformer
-
-    check_source(cfg)
-    if cfg.source == "tiny":
-        from artaug.models.tiny import build_tiny_flux
-
-        transformer = build_tiny_flux(cfg.tiny_seed).transformer
-    else:
-        local = looks_local(cfg.source)
-        transformer = FluxTransformer2DModel.from_pretrained(
-            os.path.expanduser(cfg.source) if local else cfg.source,
-            subfolder="transformer",
-            dtype=dtype,
-            local_files_only=local,
-            revision=None if local else (cfg.revision or None),
-        )
-    if transformer.dtype != dtype:  # (a no-op cast still warns about modules kept in float32)
-        transformer = transformer.to(dtype=dtype)
-    transformer = transformer.to(device)
-    for index, path in enumerate(cfg.loras):
-        fuse_into_transformer(transformer, path, cfg.lora_scale, name=f"fused_{index}")
-    if device.type == "cpu":  # see _own_aligned_memory
-        for tensor in [*transformer.parameters(), *transformer.buffers()]:
-            tensor.data = tensor.data.clone()
-    return transformer
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor.data = tensor.data.clone()

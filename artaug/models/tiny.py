@@ -20,6 +20,7 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -27,6 +28,10 @@ from transformers import (
     T5Config,
     T5EncoderModel,
 )
+
+from artaug.models.cache import build_once
+from artaug.models.patch_vae import PatchAutoencoder
+from artaug.models.tiny_pretrain import pretrain
 
 TEXT_WIDTH = 32  # CLIP hidden size == T5 d_model == the transformer's joint/pooled dims
 CLIP_MAX_TOKENS = 77
@@ -80,7 +85,7 @@ def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    clip_tokenizer = _char_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
+    clip_tokenizer = char_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
@@ -95,7 +100,7 @@ def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
             pad_token_id=clip_tokenizer.pad_token_id,
         )
     )
-    t5_tokenizer = _char_tokenizer(eos="</s>", pad="<pad>", unk="<unk>")
+    t5_tokenizer = char_tokenizer(eos="</s>", pad="<pad>", unk="<unk>")
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tokenizer),
@@ -110,8 +115,6 @@ def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
         )
     )
     if vae == "patch":
-        from artaug.models.patch_vae import PatchAutoencoder
-
         autoencoder = PatchAutoencoder(scaling_factor=0.25)  # flat colours: DC latents within about +-2
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
@@ -124,15 +127,13 @@ def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
     )
 
 
-def _char_tokenizer(eos: str, pad: str, bos: str | None = None, unk: str = "<unk>"):
+def char_tokenizer(eos: str, pad: str, bos: str | None = None, unk: str = "<unk>"):
     """A character-level fast tokenizer; BOS/EOS are added as CLIP and T5 expect."""
     specials = list(dict.fromkeys(t for t in (bos, eos, pad, unk) if t))
     vocab = {token: i for i, token in enumerate(specials + list(CHARACTERS))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     core.decoder = decoders.Fuse()
-    from tokenizers.processors import TemplateProcessing
-
     single = f"{bos} $A {eos}" if bos else f"$A {eos}"
     core.post_processor = TemplateProcessing(
         single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t]
@@ -152,8 +153,6 @@ def save_tiny_flux(directory: str, seed: int = 0, vae: str = "kl", pretrain_step
     pipeline with save_pretrained; returns the directory."""
     pipe = build_tiny_flux(seed, vae)
     if pretrain_steps:
-        from artaug.models.tiny_pretrain import pretrain
-
         pretrain(pipe, pretrain_steps, seed=seed)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
@@ -161,8 +160,6 @@ def save_tiny_flux(directory: str, seed: int = 0, vae: str = "kl", pretrain_step
 
 def cached_tiny_flux(cache_dir: str, seed: int = 0, vae: str = "kl", pretrain_steps: int = 0) -> str:
     """The folder of `save_tiny_flux(...)` under `cache_dir`, built once (pretraining costs minutes)."""
-    from artaug.models.cache import build_once
-
     name = f"tiny-flux-{vae}-pretrain{pretrain_steps}-seed{seed}"
     build = lambda folder: save_tiny_flux(folder, seed, vae, pretrain_steps)  # noqa: E731
     return build_once(cache_dir, name, build, marker="model_index.json")

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from artaug.train.objective import flow_matching_loss
+from artaug.models.flow_matching import flow_matching_loss
 
 log = logging.getLogger(__name__)
 

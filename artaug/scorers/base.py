@@ -7,6 +7,7 @@ tensors (and plain containers) is refused. `artaug models convert` rewrites them
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -14,13 +15,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from artaug.config import ScorersConfig
+from artaug.errors import ArtaugError
+from artaug.hub import looks_local
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class ScorerWeightsError(FileNotFoundError):
+class ScorerWeightsError(ArtaugError, FileNotFoundError):
     """Scorer weights are missing, not configured, or refused; the message names the path or field."""
 
 
@@ -58,6 +62,11 @@ def scorer_for_column(column: str) -> str:
     raise ValueError(f"no scorer produces the column {column!r} (known: {', '.join(known)})")
 
 
+def scorers_for_columns(columns: list[str]) -> list[str]:
+    """The scorers (each once, in order) that produce `columns`; ValueError naming an unknown column."""
+    return list(dict.fromkeys(scorer_for_column(c) for c in columns))
+
+
 def check_scorer_name(name: str) -> None:
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} (known: {', '.join(SCORERS)})")
@@ -65,8 +74,6 @@ def check_scorer_name(name: str) -> None:
 
 def build_scorer(name: str, cfg: ScorersConfig, device: torch.device | None = None) -> Scorer:
     """Load scorer `name` with the sources in cfg (fails fast on missing weights, naming the path)."""
-    import importlib
-
     check_scorer_name(name)
     module, builder, _ = SCORERS[name]
     factory: Callable[..., Scorer] = getattr(importlib.import_module(module), builder)
@@ -109,10 +116,6 @@ def check_source(field_name: str, source: str, is_file: bool) -> None:
         raise ScorerWeightsError(f"{field_name}: {path!r} is not a model folder (no config.json)")
 
 
-def looks_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(source))
-
-
 def pick_device(device: str) -> torch.device:
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -125,8 +128,6 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ScorerWeightsError(f"weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     if not path.endswith(PICKLE_SUFFIXES):
         raise ScorerWeightsError(
@@ -156,8 +157,6 @@ def _tensors_only(data, path: str) -> dict[str, torch.Tensor]:
 
 def convert_to_safetensors(source: str, target: str) -> int:
     """`artaug models convert`: a weights_only pickle rewritten as safetensors; returns tensor count."""
-    from safetensors.torch import save_file
-
     tensors = load_state_dict(source)
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, os.path.expanduser(target))
     return len(tensors)

@@ -15,17 +15,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from artaug.config import ScorersConfig
+from artaug.hub import looks_local
 from artaug.scorers.base import (
     Scorer,
     ScorerWeightsError,
     check_source,
     load_state_dict,
-    looks_local,
     to_numpy,
 )
 from artaug.scorers.heads import load_head, random_head
+from artaug.scorers.tiny import ensure_tiny
 
 PREFERENCE_TINY_SEED_OFFSET = 100  # the tiny preference model differs from the tiny CLIP
 
@@ -36,11 +38,7 @@ class ClipBackbone:
     def __init__(
         self, source: str, device: torch.device, cache_dir: str, tiny_seed: int, processor: str = ""
     ):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
         if source == "tiny":
-            from artaug.scorers.tiny import ensure_tiny
-
             source = ensure_tiny("clip", cache_dir, tiny_seed)
         local = looks_local(source)
         path = os.path.expanduser(source) if local else source

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from artaug.config import ScorersConfig
-from artaug.critique.heuristic import image_statistics
+from artaug.images import image_statistics
 from artaug.scorers.base import Scorer
 
 KEYS = ("exposure", "contrast", "saturation", "colourfulness", "sharpness")

@@ -11,10 +11,13 @@ import os
 
 import numpy as np
 import torch
+from transformers import AutoImageProcessor, SiglipVisionModel
 
 from artaug.config import ScorersConfig
-from artaug.scorers.base import Scorer, check_source, looks_local, to_numpy
+from artaug.hub import looks_local
+from artaug.scorers.base import Scorer, check_source, to_numpy
 from artaug.scorers.heads import load_head, random_head
+from artaug.scorers.tiny import ensure_tiny
 
 SIGLIP_TINY_SEED_OFFSET = 200
 
@@ -24,14 +27,10 @@ class SiglipAesthetic(Scorer):
     columns = ("siglip_aesthetic",)
 
     def __init__(self, cfg: ScorersConfig, device: torch.device):
-        from transformers import AutoImageProcessor, SiglipVisionModel
-
         check_source("scorers.siglip", cfg.siglip, is_file=False)
         check_source("scorers.siglip_head", cfg.siglip_head, is_file=True)
         source = cfg.siglip
         if source == "tiny":
-            from artaug.scorers.tiny import ensure_tiny
-
             source = ensure_tiny("siglip", cfg.cache_dir, cfg.tiny_seed + SIGLIP_TINY_SEED_OFFSET)
         local = looks_local(source)
         path = os.path.expanduser(source) if local else source

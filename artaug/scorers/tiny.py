@@ -7,20 +7,25 @@ real loading path. Their scores mean nothing.
 from __future__ import annotations
 
 import torch
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from artaug.models.cache import build_once
+from artaug.models.tiny import char_tokenizer
 
 IMAGE_SIDE = 32
 WIDTH = 32
 
 
 def build_tiny_clip(directory: str, seed: int = 0) -> str:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from artaug.models.tiny import _char_tokenizer
-
     torch.manual_seed(seed)
-    tokenizer = _char_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
+    tokenizer = char_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -52,8 +57,6 @@ def build_tiny_clip(directory: str, seed: int = 0) -> str:
 
 
 def build_tiny_siglip(directory: str, seed: int = 0) -> str:
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
     torch.manual_seed(seed)
     config = SiglipVisionConfig(
         hidden_size=WIDTH,

@@ -105,38 +105,43 @@ class ImageJob:
 
 def settle(request: ImageRequest, cfg: RunConfig) -> tuple[ImageJob, float]:
     """The job to run and its timeout, or a RequestError naming the first bad field."""
-    s, g = cfg.serve, cfg.generate
-    if request.model is not None and request.model != s.model_name:
+    if request.model is not None and request.model != cfg.serve.model_name:
         raise RequestError(
             404,
-            f"model {request.model!r} is not served here; GET /v1/models lists {s.model_name!r}",
+            f"model {request.model!r} is not served here; GET /v1/models lists {cfg.serve.model_name!r}",
             "model",
             "model_not_found",
         )
     if not request.prompt.strip():
         raise RequestError(400, "prompt must not be empty", "prompt")
-    if len(request.prompt) > s.max_prompt_chars:
+    if len(request.prompt) > cfg.serve.max_prompt_chars:
         raise RequestError(
-            400, f"prompt has {len(request.prompt)} characters; the limit is {s.max_prompt_chars}", "prompt"
+            400,
+            f"prompt has {len(request.prompt)} characters; the limit is {cfg.serve.max_prompt_chars}",
+            "prompt",
         )
-    if not 1 <= request.n <= s.max_n:
-        raise RequestError(400, f"n must be between 1 and {s.max_n}, got {request.n}", "n")
-    width, height = _size(request.size, s.max_side) if request.size is not None else (g.width, g.height)
-    steps = g.steps if request.steps is None else request.steps
-    if not 1 <= steps <= s.max_steps:
-        raise RequestError(400, f"steps must be between 1 and {s.max_steps}, got {steps}", "steps")
-    guidance = float(g.guidance if request.guidance is None else request.guidance)
+    if not 1 <= request.n <= cfg.serve.max_n:
+        raise RequestError(400, f"n must be between 1 and {cfg.serve.max_n}, got {request.n}", "n")
+    width, height = (
+        _size(request.size, cfg.serve.max_side)
+        if request.size is not None
+        else (cfg.generate.width, cfg.generate.height)
+    )
+    steps = cfg.generate.steps if request.steps is None else request.steps
+    if not 1 <= steps <= cfg.serve.max_steps:
+        raise RequestError(400, f"steps must be between 1 and {cfg.serve.max_steps}, got {steps}", "steps")
+    guidance = float(cfg.generate.guidance if request.guidance is None else request.guidance)
     if not 0 <= guidance <= 100:
         raise RequestError(400, f"guidance must be between 0 and 100, got {guidance}", "guidance")
     seed = random.randrange(2**31) if request.seed is None else request.seed
     if not 0 <= seed <= SEED_LIMIT - request.n:
         raise RequestError(400, f"seed must be in [0, 2**63 - n], got {seed}", "seed")
-    timeout = s.request_timeout_s
+    timeout = cfg.serve.request_timeout_s
     if request.timeout is not None:
-        if not 0 < request.timeout <= s.request_timeout_s:
+        if not 0 < request.timeout <= cfg.serve.request_timeout_s:
             raise RequestError(
                 400,
-                f"timeout must be in (0, {s.request_timeout_s}] seconds, got {request.timeout}",
+                f"timeout must be in (0, {cfg.serve.request_timeout_s}] seconds, got {request.timeout}",
                 "timeout",
             )
         timeout = float(request.timeout)

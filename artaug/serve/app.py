@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from artaug.cluster import ray_resources
 from artaug.config import RunConfig
 from artaug.serve.api import (
     ImageRequest,
@@ -86,6 +87,11 @@ def _busy(err: BackPressureError) -> JSONResponse:
     )
 
 
+def _display_name(source: str) -> str:
+    """A local folder's name (its path stays on the server), or the hub id as it is."""
+    return os.path.basename(source.rstrip("/")) if os.sep in source else source
+
+
 @serve.deployment(name="ImageAPI")
 @serve.ingress(api)
 class ImageAPI:
@@ -124,12 +130,11 @@ class ImageAPI:
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
         """The one model this application serves."""
-        m = self.cfg.model
         card = ModelCard(
             id=self.cfg.serve.model_name,
             created=self.created,
-            base=os.path.basename(m.source.rstrip("/")) if os.sep in m.source else m.source,
-            loras=[os.path.basename(path) for path in m.loras],
+            base=_display_name(self.cfg.model.source),
+            loras=[os.path.basename(path) for path in self.cfg.model.loras],
         )
         return ModelList(data=[card])
 
@@ -150,30 +155,25 @@ class ImageAPI:
 
 def build_app(cfg: RunConfig):
     """The application for `cfg`: model replicas with the configured resources and queues, one ingress."""
-    from artaug.cluster import cluster_has_gpus, label_selector
-
-    s = cfg.serve
-    gpus = s.gpus_per_replica if s.gpus_per_replica >= 0 else (1.0 if cluster_has_gpus() else 0.0)
-    backpressure = {"retry_after_s": s.retry_after_s}
+    backpressure = {"retry_after_s": cfg.serve.retry_after_s}
     model = serve.deployment(FluxModel, name="FluxModel").options(
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": gpus}
-        | ({"label_selector": label_selector(s.node_labels)} if s.node_labels else {}),
+        ray_actor_options=ray_resources(cfg.serve.resources),
         autoscaling_config={
-            "min_replicas": s.min_replicas,
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
+            "min_replicas": cfg.serve.min_replicas,
+            "max_replicas": cfg.serve.max_replicas,
+            "target_ongoing_requests": cfg.serve.target_ongoing_requests,
         },
-        max_ongoing_requests=s.max_ongoing_requests,
-        max_queued_requests=s.max_queued_requests,
+        max_ongoing_requests=cfg.serve.max_ongoing_requests,
+        max_queued_requests=cfg.serve.max_queued_requests,
         backpressure_config=backpressure,
     )
     # The ingress only awaits: it admits what the model replicas and their queue can hold (plus
     # room for /healthz and /v1/models), and its own queue at the proxy is bounded too.
-    capacity = s.max_replicas * s.max_ongoing_requests + s.max_queued_requests + 16
+    capacity = cfg.serve.max_replicas * cfg.serve.max_ongoing_requests + cfg.serve.max_queued_requests + 16
     ingress = ImageAPI.options(
         ray_actor_options={"num_cpus": 0.5},
         max_ongoing_requests=capacity,
-        max_queued_requests=s.max_queued_requests,
+        max_queued_requests=cfg.serve.max_queued_requests,
         backpressure_config=backpressure,
     )
     return ingress.bind(model.bind(cfg), cfg)
@@ -185,6 +185,7 @@ def app_builder(args: dict):
     args (all optional): run_dir, lora, preset, config (a YAML path or URI), set (a list of
     "section.field=value" overrides) - the same choices as `artaug serve`.
     """
+    # Imported here: artaug.serve.launch imports this module (build_app) for `artaug serve`.
     from artaug.serve.launch import resolve_config
 
     known = {"run_dir", "lora", "preset", "config", "set"}

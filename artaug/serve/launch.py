@@ -7,21 +7,30 @@ artaug serve                                # the base model of the preset
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import threading
 
+import ray
+from ray import serve
+
 from artaug import storage
-from artaug.config import RunConfig, load_config
-from artaug.models.synthesis import looks_local
+from artaug.cluster import init_ray
+from artaug.config import ModelConfig, RunConfig, load_config
+from artaug.errors import ArtaugError
+from artaug.hub import looks_local
+from artaug.layout import RunLayout
+from artaug.models.synthesis import check_source, enhanced_model
+from artaug.serve.app import build_app
 
 log = logging.getLogger(__name__)
 
-COMBINED_LORA = "lora/combined.safetensors"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class ServeSetupError(ValueError):
+class ServeSetupError(ArtaugError, ValueError):
     """`artaug serve` was pointed at something it will not load (no run.yaml, a non-safetensors LoRA)."""
 
 
@@ -34,43 +43,51 @@ def resolve_config(
 ) -> RunConfig:
     """The resolved config of the model to serve.
 
-    With `run_dir`, settings start from the run's own run.yaml and the run's combined LoRA is fused
-    on top of the LoRAs the run started from; until the run has one, the base model is served (and
-    the log says so). With `lora`, that file is fused into the configured model.
+    With `run_dir`, settings start from the run's own run.yaml and the model is the run's enhanced
+    model (`enhanced_model`: the configured model plus the run's combined LoRA); until the run has a
+    combined LoRA, the base model is served (and the log says so). With `lora`, that file is fused
+    into the configured model the same way.
     """
     if run_dir and config_path:
         raise ServeSetupError("give either RUN_DIR (its run.yaml is the config) or --config, not both")
     if run_dir and lora:
         raise ServeSetupError("give either RUN_DIR (its combined LoRA is served) or --lora, not both")
-    if run_dir:
-        run_yaml = storage.join(run_dir, "run.yaml")
-        if not storage.exists(run_yaml):
-            raise ServeSetupError(f"{run_dir} is not a run directory: {run_yaml} does not exist")
-        config_path = run_yaml
+    layout = RunLayout(run_dir) if run_dir else None
+    if layout is not None:
+        if not storage.exists(layout.run_yaml):
+            raise ServeSetupError(f"{run_dir} is not a run directory: {layout.run_yaml} does not exist")
+        config_path = layout.run_yaml
     cfg = load_config(preset=preset, path=config_path, overrides=overrides)
-    if run_dir:
-        combined = storage.join(run_dir, COMBINED_LORA)
-        if storage.exists(combined):
-            cfg.model.loras = [*cfg.model.loras, combined]
+    model = cfg.model
+    if layout is not None:
+        if storage.exists(layout.combined_lora):
+            model = enhanced_model(model, layout.combined_lora)
         else:
             log.warning(
-                "%s has no %s yet: serving the base model %s", run_dir, COMBINED_LORA, cfg.model.source
+                "%s has no combined LoRA yet (%s): serving the base model %s",
+                run_dir,
+                layout.combined_lora,
+                model.source,
             )
     if lora:
         if not storage.exists(lora):
             raise ServeSetupError(f"--lora: file {lora!r} does not exist")
-        cfg.model.loras = [*cfg.model.loras, lora]
-    # Replicas may start in another working directory (or on another node): pass absolute paths.
-    if looks_local(cfg.model.source):
-        cfg.model.source = os.path.abspath(os.path.expanduser(cfg.model.source))
-    cfg.model.loras = [
-        p if storage.is_uri(p) else os.path.abspath(os.path.expanduser(p)) for p in cfg.model.loras
-    ]
-    for path in cfg.model.loras:
+        model = enhanced_model(model, lora)
+    model = _absolute_paths(model)
+    for path in model.loras:
         # Only safetensors: other LoRA formats are pickles, which can run code when loaded.
         if not path.endswith(".safetensors"):
             raise ServeSetupError(f"LoRA {path!r} is not a .safetensors file; only safetensors are loaded")
-    return cfg.validate()
+    return dataclasses.replace(cfg, model=model)
+
+
+def _absolute_paths(model: ModelConfig) -> ModelConfig:
+    """Replicas may start in another working directory (or on another node): local paths made absolute."""
+    source = model.source
+    if source != "tiny" and looks_local(source):
+        source = os.path.abspath(os.path.expanduser(source))
+    loras = [p if storage.is_uri(p) else os.path.abspath(os.path.expanduser(p)) for p in model.loras]
+    return dataclasses.replace(model, source=source, loras=loras)
 
 
 def describe_model(cfg: RunConfig) -> str:
@@ -82,35 +99,42 @@ def serve_locally(cfg: RunConfig, stop: threading.Event | None = None) -> None:
     """Start Ray (or join cfg.ray.address), deploy the app, print the URL, run until stopped.
 
     SIGINT and SIGTERM (or `stop`, for callers in other threads) end it: the application is deleted
-    (in-flight requests finish first), Serve shuts down and this driver leaves Ray.
+    (in-flight requests finish first), Serve shuts down and this driver leaves Ray (a Ray it started
+    itself stops with it). The signal handlers in place before are restored on return.
     """
-    import ray
-    from ray import serve
-
-    from artaug.cluster import init_ray
-    from artaug.models.synthesis import check_source
-    from artaug.serve.app import build_app
-
     check_source(cfg.model)
     stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-    s = cfg.serve
-    init_ray(cfg.ray)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if on_main_thread else {}
+
+    def catch_stop_signals() -> None:
+        if on_main_thread:  # Python runs signal handlers there only; other callers have `stop`
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, lambda *_: stop.set())
+
+    catch_stop_signals()
     try:
-        serve.start(http_options={"host": s.host, "port": s.port})
-        serve.run(build_app(cfg), name=s.app_name, route_prefix="/", blocking=False)
-        url = f"http://{s.host}:{s.port}"
+        init_ray(cfg.ray)
+        # ray.init replaces this process's SIGTERM handler with its own (sys.exit(15)), and Ray's core
+        # worker puts a C++ one in front of it (it prints "*** SIGTERM received ... ***"): SIGTERM
+        # would unwind the driver past the graceful stop below and abort it. Take the signals back.
+        catch_stop_signals()
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/", blocking=False)
+        catch_stop_signals()
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
         print(
-            f"serving {s.model_name} ({describe_model(cfg)}) at {url}/v1/images/generations\n"
-            f"  docs: {url}/docs   health: {url}/healthz   stop: Ctrl-C",
+            f"serving {cfg.serve.model_name} ({describe_model(cfg)}) at {url}/v1/images/generations\n"
+            f"  docs: {url}/docs   health: {url}/healthz   stop: Ctrl-C or SIGTERM",
             flush=True,
         )
         stop.wait()
         print("stopping: finishing in-flight requests", flush=True)
-        serve.delete(s.app_name)
+        serve.delete(cfg.serve.app_name)
     finally:
         serve.shutdown()
         ray.shutdown()
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be restored
+                signal.signal(sig, handler)
     print("stopped", flush=True)

@@ -2,20 +2,20 @@
 
 Every request is split into its n images; `@serve.batch` gathers images from concurrent requests
 (those that arrive while the pipeline is busy wait for it and then form the next batch together),
-and images with the same size, steps and guidance share one pipeline call (in arrival order, one
-torch.Generator per image, exactly as the generate stage does), so a served image equals the
-in-process pipeline's image for the same prompt, seed and batch composition.
+and images with the same size, steps and guidance share one call of our sampling loop
+(`artaug.models.sampling.sample`, in arrival order, one torch.Generator per image from its seed,
+exactly as the generate stage does), so a served image equals the generate stage's image for the
+same prompt, seed and batch composition.
 
-The pipeline runs on one worker thread so the replica's event loop stays free to hear about
-cancellations. When every image of a pipeline call has been cancelled (the client disconnected or
-its timeout passed), the step callback stops the denoising loop before the next step.
+The sampling loop runs on one worker thread so the replica's event loop stays free to hear about
+cancellations. When every image of a call has been cancelled (the client disconnected or its
+timeout passed), the loop's `should_stop` hook stops it before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import threading
 import time
@@ -26,14 +26,12 @@ import torch
 from ray import serve
 
 from artaug.config import RunConfig
+from artaug.images import png_bytes
+from artaug.models.sampling import Cancelled, Job, sample
 from artaug.models.synthesis import load_pipeline
 from artaug.serve.api import ImageJob
 
 log = logging.getLogger(__name__)
-
-
-class GenerationCancelled(Exception):
-    """Raised inside the denoising loop once nobody waits for the images any more."""
 
 
 @dataclass
@@ -54,6 +52,7 @@ class Counters:
     images: int = 0
     calls: int = 0
     steps: int = 0
+    """Denoising steps run (counted between steps, as each one starts)."""
     cancelled_calls: int = 0
     largest_call: int = 0
     busy: bool = False
@@ -65,10 +64,10 @@ class FluxModel:
     """Serve deployment class; `artaug.serve.app` sets its options (resources, autoscaling, queues)."""
 
     def __init__(self, cfg: RunConfig):
-        torch.set_num_threads(cfg.serve.torch_threads)
+        torch.set_num_threads(cfg.serve.resources.torch_threads)
         self.cfg = cfg
         self.pipe = load_pipeline(cfg.model)
-        # One thread: the pipeline object keeps per-call state, so calls must not overlap.
+        # One thread: the pipeline's scheduler keeps per-call state, so calls must not overlap.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux")
         # Fused and unloaded: no LoRA layer may remain (inference costs what the base model costs).
         lora_layers = [n for n, _ in self.pipe.transformer.named_parameters() if "lora" in n]
@@ -121,20 +120,20 @@ class FluxModel:
         return [results[i] for i in range(len(tasks))]
 
     def _run(self, group: list[ImageTask], settings: tuple) -> list[dict | None]:
-        """Runs on the worker thread: one pipeline call, stopped between steps once all are cancelled."""
+        """Runs on the worker thread: one sampling call, stopped between steps once all are cancelled."""
         width, height, steps, guidance = settings
         c = self.counters
         if all(task.cancelled.is_set() for task in group):
             return [None] * len(group)
+        done = 0
 
-        done = [0]
-
-        def between_steps(pipe, step, timestep, tensors):
-            c.steps += 1
-            done[0] += 1
+        def should_stop() -> bool:
+            nonlocal done
             if all(task.cancelled.is_set() for task in group):
-                raise GenerationCancelled
-            return tensors
+                return True
+            c.steps += 1
+            done += 1
+            return False
 
         c.busy = True
         c.calls += 1
@@ -142,35 +141,25 @@ class FluxModel:
         c.call_sizes[len(group)] = c.call_sizes.get(len(group), 0) + 1
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
-                images = self.pipe(
-                    prompt=[task.prompt for task in group],
-                    width=width,
-                    height=height,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    generator=[torch.Generator("cpu").manual_seed(task.seed) for task in group],
-                    max_sequence_length=self.cfg.model.max_sequence_length,
-                    output_type="pil",
-                    callback_on_step_end=between_steps,
-                ).images
-        except GenerationCancelled:
-            c.cancelled_calls += 1
-            log.info(
-                "cancelled: stopped a call of %d image(s) after %d of %d steps", len(group), done[0], steps
+            images = sample(
+                self.pipe,
+                [Job(task.prompt, task.seed) for task in group],
+                width=width,
+                height=height,
+                steps=steps,
+                guidance=guidance,
+                max_sequence_length=self.cfg.model.max_sequence_length,
+                should_stop=should_stop,
             )
+        except Cancelled:
+            c.cancelled_calls += 1
+            log.info("cancelled: stopped a call of %d image(s) after %d of %d steps", len(group), done, steps)
             return [None] * len(group)
         finally:
             c.busy = False
         c.images += len(group)
         log.debug("%d image(s) %dx%d in %.3f s", len(group), width, height, time.perf_counter() - start)
         return [
-            {"b64_json": _b64_png(image), "seed": task.seed}
+            {"b64_json": base64.b64encode(png_bytes(image)).decode("ascii"), "seed": task.seed}
             for task, image in zip(group, images, strict=True)
         ]
-
-
-def _b64_png(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")

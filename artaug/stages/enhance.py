@@ -2,7 +2,7 @@
 
 Modes (`enhance.mode`):
 - regional: regenerate with the same seed, size, steps and guidance while composing the global
-  prompt's prediction with each regional prompt's under its blurred mask (`artaug.flux_loop`);
+  prompt's prediction with each regional prompt's under its blurred mask (`artaug.models.sampling`);
 - img2img: diffusers' FluxImg2ImgPipeline from the original image with the rewritten or original
   prompt at `img2img_strength`;
 - photometric: the critique's global adjustments applied to the original pixels.
@@ -16,29 +16,30 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
+from diffusers import FluxImg2ImgPipeline
 from PIL import Image
 
-from artaug import schema, storage
-from artaug.cluster import cluster_has_gpus, init_ray, label_selector
+from artaug import storage
 from artaug.config import RunConfig
-from artaug.flux_loop import Job, Region, sample
+from artaug.errors import ArtaugError
 from artaug.images import png_bytes
+from artaug.models.sampling import Job, Region, sample
+from artaug.models.synthesis import check_source, load_pipeline
 from artaug.photometric import apply_adjustments
+from artaug.rows import CRITIQUE, GENERATE, PAIR
 from artaug.stages.batching import run_in_groups
-from artaug.stages.generate import StageDoneError, read_stage
+from artaug.stages.contract import pool_options, read_stage, resolve_input, stage
 
-log = logging.getLogger(__name__)
 IDS = ("prompt_id", "seed", "round")
 
 
-class EnhanceInputError(ValueError):
+class EnhanceInputError(ArtaugError, ValueError):
     """The generate and critique inputs are missing or do not describe the same images."""
 
 
@@ -50,17 +51,13 @@ class Enhancer:
     """Ray Data actor: holds the pipeline (regional, img2img) and turns image rows into pair rows."""
 
     def __init__(self, cfg: RunConfig, critiques: dict[str, str | None]):
-        torch.set_num_threads(cfg.generate.torch_threads)
-        self.cfg, self.e = cfg, cfg.enhance
+        torch.set_num_threads(cfg.generate.resources.torch_threads)
+        self.cfg, self.settings = cfg, cfg.enhance
         self.critiques = critiques
         self.pipe = self.img2img = None
-        if self.e.mode != "photometric":
-            from artaug.models.synthesis import load_pipeline
-
+        if self.settings.mode != "photometric":
             self.pipe = load_pipeline(cfg.model)
-        if self.e.mode == "img2img":
-            from diffusers import FluxImg2ImgPipeline
-
+        if self.settings.mode == "img2img":
             self.img2img = FluxImg2ImgPipeline(**self.pipe.components)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -69,12 +66,12 @@ class Enhancer:
         out = [done.get(p["prompt_id"], p) for p in pairs]
         for pair in out:
             pair.pop("_regions", None)
-        return pa.Table.from_pylist(out, schema=schema.PAIR)
+        return pa.Table.from_pylist(out, schema=PAIR)
 
     def _plan(self, row: dict) -> dict:
         """The pair for this row: finished (error, unchanged, photometric) or marked as `_work`."""
-        pair = {name: row.get(name) for name in schema.PAIR.names if name in row}
-        pair.update(before=row["image"], after=None, enhance_prompt=row["prompt"], mode=self.e.mode,
+        pair = {name: row.get(name) for name in PAIR.names if name in row}
+        pair.update(before=row["image"], after=None, enhance_prompt=row["prompt"], mode=self.settings.mode,
                     regions="[]", unchanged=False, error=None, seconds=0.0)  # fmt: skip
         if row.get("error") or not row.get("image"):
             pair["error"] = f"no image: generation failed: {row.get('error')}"
@@ -83,12 +80,12 @@ class Enhancer:
         if critique is None:
             return self._unchanged(pair)
         critique = json.loads(critique)
-        if self.e.use_rewritten_prompt and critique["rewritten_prompt"].strip():
+        if self.settings.use_rewritten_prompt and critique["rewritten_prompt"].strip():
             pair["enhance_prompt"] = critique["rewritten_prompt"].strip()
-        if self.e.mode == "photometric":
+        if self.settings.mode == "photometric":
             return self._photometric(pair, critique)
-        if self.e.mode == "regional":
-            regions = critique["regions"][: self.e.max_regions]
+        if self.settings.mode == "regional":
+            regions = critique["regions"][: self.settings.max_regions]
             if not regions and pair["enhance_prompt"] == row["prompt"]:
                 return self._unchanged(pair)
             pair["_regions"] = regions
@@ -106,7 +103,7 @@ class Enhancer:
     def _photometric(self, pair: dict, critique: dict) -> dict:
         start = time.perf_counter()
         image = Image.open(io.BytesIO(pair["before"])).convert("RGB")
-        after, applied = apply_adjustments(image, critique["adjustments"], self.e.photometric_step)
+        after, applied = apply_adjustments(image, critique["adjustments"], self.settings.photometric_step)
         if not applied:
             return self._unchanged(pair)
         return {**pair, "after": png_bytes(after), "seconds": time.perf_counter() - start}
@@ -114,20 +111,22 @@ class Enhancer:
     def _run(self, pairs: list[dict]) -> list[dict]:
         first, start = pairs[0], time.perf_counter()
         size = dict(width=first["width"], height=first["height"])
-        if self.e.mode == "regional":
+        if self.settings.mode == "regional":
             jobs = [
                 Job(p["enhance_prompt"], p["seed"],
-                    [Region(tuple(r["box"]), r["prompt"], self.e.mask_scale) for r in p["_regions"]])
+                    [Region(tuple(r["box"]), r["prompt"], self.settings.mask_scale) for r in p["_regions"]])
                 for p in pairs
             ]  # fmt: skip
-            images = sample(self.pipe, jobs, steps=first["steps"], guidance=first["guidance"],
-                            max_sequence_length=self.cfg.model.max_sequence_length,
-                            blur_kernel=self.e.blur_kernel, blur_sigma=self.e.blur_sigma, **size)  # fmt: skip
+            images = sample(
+                self.pipe, jobs, steps=first["steps"], guidance=first["guidance"],
+                max_sequence_length=self.cfg.model.max_sequence_length,
+                blur_kernel=self.settings.blur_kernel, blur_sigma=self.settings.blur_sigma, **size,
+            )  # fmt: skip
         else:
             images = self.img2img(
                 prompt=[p["enhance_prompt"] for p in pairs],
                 image=[Image.open(io.BytesIO(p["before"])).convert("RGB") for p in pairs],
-                strength=self.e.img2img_strength,
+                strength=self.settings.img2img_strength,
                 num_inference_steps=first["steps"],
                 guidance_scale=first["guidance"],
                 generator=[torch.Generator("cpu").manual_seed(p["seed"]) for p in pairs],
@@ -160,44 +159,33 @@ def check_ids(generated: list[dict], critiques: dict) -> None:
         )
 
 
-def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str, overwrite: bool = False) -> dict:
-    """Run the stage into `stage_dir` (Parquet of pair rows + `_SUCCESS`); returns the summary."""
-    generate_dir = storage.find_stage(images, "generate")
-    critique_dir = storage.find_stage(critiques, "critique")
-    for path, found, name in ((images, generate_dir, "generate"), (critiques, critique_dir, "critique")):
-        if found is None:
-            raise EnhanceInputError(f"{path}: not a completed {name} output (no _SUCCESS)")
-    if storage.is_complete(stage_dir) and not overwrite:
-        raise StageDoneError(f"{stage_dir} already holds a completed stage (use --overwrite)")
-    critique_map = load_critiques(critique_dir)
+def _inputs(images: str, critiques: str) -> tuple[str, dict[str, str | None]]:
+    """(the generate folder, the critiques by image key), checked to describe the same images."""
+    generate_dir = resolve_input(images, "generate", tuple(GENERATE.names))
+    critique_map = load_critiques(resolve_input(critiques, "critique", tuple(CRITIQUE.names)))
     check_ids(read_stage(generate_dir, columns=list(IDS)).to_pylist(), critique_map)
-    init_ray(cfg.ray, output=stage_dir)
-    g = cfg.generate
-    gpus = g.gpus_per_actor if g.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
-    start = time.perf_counter()
-    storage.remove_tree(stage_dir)
-    ds = ray.data.read_parquet(generate_dir, file_extensions=["parquet"])
-    ds.map_batches(
+    return generate_dir, critique_map
+
+
+def _checks(cfg: RunConfig, images: str, critiques: str, *_, **__) -> None:
+    if cfg.enhance.mode != "photometric":
+        check_source(cfg.model)
+    _inputs(images, critiques)
+
+
+@stage("enhance", checks=_checks)
+def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str) -> dict:
+    """Pair every generated image with its enhancement into `stage_dir`; returns the summary."""
+    generate_dir, critique_map = _inputs(images, critiques)
+    ray.data.read_parquet(generate_dir, file_extensions=["parquet"]).map_batches(
         Enhancer,
         fn_constructor_kwargs={"cfg": cfg, "critiques": critique_map},
-        batch_size=g.batch_size,
+        batch_size=cfg.generate.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
-        num_gpus=gpus,
-        num_cpus=g.cpus_per_actor,
-        label_selector=label_selector(g.node_labels),
+        **pool_options(cfg.generate.resources, cfg.generate.num_actors),
     ).write_parquet(stage_dir)
-    table = read_stage(stage_dir, columns=["prompt_id", "unchanged", "error"])
+    table = read_stage(stage_dir, columns=["unchanged", "error"])
     errors = sum(1 for e in table.column("error").to_pylist() if e)
     unchanged = sum(1 for u in table.column("unchanged").to_pylist() if u)
-    summary = {
-        "stage": "enhance",
-        "mode": cfg.enhance.mode,
-        "rows": table.num_rows,
-        "enhanced": table.num_rows - errors - unchanged,
-        "unchanged": unchanged,
-        "errors": errors,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    storage.mark_complete(stage_dir, summary)
-    return summary
+    return {"mode": cfg.enhance.mode, "rows": table.num_rows, "enhanced": table.num_rows - errors - unchanged,
+            "unchanged": unchanged, "errors": errors}  # fmt: skip

@@ -13,7 +13,9 @@ import torch
 
 from artaug.config import SafetyConfig, ScorersConfig
 from artaug.images import BadImageError, decode_image
-from artaug.scorers.base import SCORERS, build_scorer, check_scorer_sources, pick_device
+from artaug.scorers.base import SCORERS, build_scorer, check_scorer_sources, check_source, pick_device
+from artaug.scorers.safety import ClipConceptChecker, concept_thresholds
+from artaug.stages.contract import pool_options
 
 
 def score_columns(names: list[str]) -> list[str]:
@@ -37,9 +39,6 @@ def scored_schema(
 
 def check_sources(names: list[str], scorers: ScorersConfig, safety: SafetyConfig | None) -> None:
     """Fail before Ray starts when a scorer's or the checker's weights are missing."""
-    from artaug.safety import concept_thresholds
-    from artaug.scorers.base import check_source
-
     for name in names:
         check_scorer_sources(name, scorers)
     if safety is not None:
@@ -52,13 +51,11 @@ class ImageScorer:
 
     def __init__(self, scorers: ScorersConfig, names: list[str], safety: SafetyConfig | None,
                  image_columns: tuple[str, ...], schema: pa.Schema):  # fmt: skip
-        torch.set_num_threads(scorers.torch_threads)
+        torch.set_num_threads(scorers.resources.torch_threads)
         device = pick_device(scorers.device)
         self.scorers = [build_scorer(name, scorers, device) for name in names]
         self.safety = None
         if safety is not None:
-            from artaug.safety import ClipConceptChecker
-
             self.safety = ClipConceptChecker(safety, scorers, device)
         self.image_columns = image_columns
         self.schema = schema
@@ -105,11 +102,6 @@ class ImageScorer:
 
 def score_images(ds, scorers: ScorersConfig, names: list[str], safety, image_columns, schema: pa.Schema):
     """`ds` with every image column scored by an ImageScorer actor pool sized from `scorers`."""
-    import ray
-
-    from artaug.cluster import cluster_has_gpus, label_selector
-
-    gpus = scorers.gpus_per_actor if scorers.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     return ds.map_batches(
         ImageScorer,
         fn_constructor_kwargs={
@@ -121,8 +113,5 @@ def score_images(ds, scorers: ScorersConfig, names: list[str], safety, image_col
         },
         batch_size=scorers.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=scorers.num_actors),
-        num_gpus=gpus,
-        num_cpus=scorers.cpus_per_actor,
-        label_selector=label_selector(scorers.node_labels),
+        **pool_options(scorers.resources, scorers.num_actors),
     )

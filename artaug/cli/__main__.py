@@ -1,0 +1,5 @@
+import sys
+
+from artaug.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""`artaug run` (the whole loop, or the rest of it with --resume) and `artaug report`."""
+
+from __future__ import annotations
+
+import time
+
+from artaug.cli.options import add_config_options, load
+from artaug.config import ConfigError
+
+
+def add_run(commands) -> None:
+    run = commands.add_parser("run", help="run the ArtAug loop (default: tiny preset, local Ray)")
+    add_config_options(run)
+    run.add_argument("--out", help="run directory (default: <output_root>/<name>-<timestamp>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
+    run.set_defaults(func=cmd_run)
+
+
+def add_report(commands) -> None:
+    report = commands.add_parser("report", help="write RUN_DIR/report/index.html (also done by every run)")
+    report.add_argument("run_dir", help="run directory of `artaug run`")
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_run(args) -> int:
+    from artaug import storage
+    from artaug.layout import RunLayout
+    from artaug.loop.report import summary_table
+    from artaug.loop.runner import Loop, reopen, start
+
+    if args.resume:
+        if args.config or args.preset or args.overrides or args.out:
+            raise ConfigError(
+                "--resume takes the run directory's own run.yaml: drop --config/--preset/--set/--out"
+            )
+        run_dir = storage.absolute(args.resume)
+        cfg, manifest = reopen(run_dir)
+    else:
+        cfg = load(args)
+        run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = storage.absolute(run_dir)  # Ray's workers run in other working directories
+        manifest = start(cfg, run_dir)
+    print(f"run directory: {run_dir}")
+    data = Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))
+    print(summary_table(data), end="")
+    layout = RunLayout(run_dir)
+    if data.get("stopped_early"):
+        print(f"stopped early in round {data['stopped_early']['round']}: {data['stopped_early']['reason']}")
+    print(f"report:   {layout.report_page}")
+    combined = layout.combined_lora
+    print(f"LoRA:     {combined if storage.exists(combined) else '(none: no round trained)'}")
+    print(f"manifest: {layout.manifest}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from artaug.loop.report import write_report
+
+    summary = write_report(args.run_dir)
+    print(f"report: {summary['path']} ({summary['images']} thumbnails)")
+    return 0

@@ -1,0 +1,188 @@
+"""One stage at a time, each into its own output folder: generate, critique, enhance, filter, train,
+evaluate. Every command writes the resolved config beside its output (OUT/run.yaml)."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+from artaug.cli.options import add_config_options, alias, load
+
+log = logging.getLogger("artaug")
+OVERWRITE = "replace a completed output"
+
+
+def add_round_stages(commands) -> None:
+    gen = commands.add_parser("generate", help="generate images from a prompt file")
+    gen.add_argument("--prompts", required=True, help=".txt, .jsonl, .csv or .parquet; path or URI")
+    gen.add_argument("--out", required=True, help="output directory (local path, s3:// or gs://)")
+    gen.add_argument("--round", type=int, default=1, help="round number recorded in the rows")
+    gen.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    add_config_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    crit = commands.add_parser("critique", help="critique images with the understanding model")
+    crit.add_argument("--images", required=True, help="a generate output folder, or a folder of images")
+    crit.add_argument("--out", required=True, help="output directory (local path, s3:// or gs://)")
+    crit.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    add_config_options(crit)
+    crit.set_defaults(func=cmd_critique)
+
+    enh = commands.add_parser("enhance", help="turn images and their critiques into (before, after) pairs")
+    enh.add_argument("--images", required=True, help="a completed generate output (or its parent folder)")
+    enh.add_argument("--critiques", required=True, help="a completed critique output (or its parent folder)")
+    enh.add_argument("--out", required=True, help="output directory (local path, s3:// or gs://)")
+    enh.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    add_config_options(enh)
+    enh.set_defaults(func=cmd_enhance)
+
+    filt = commands.add_parser("filter", help="keep the pairs whose after image is better, faithful and safe")
+    filt.add_argument("--pairs", required=True, help="the enhance stage's pair Parquet folder (path or URI)")
+    filt.add_argument("--out", required=True, help="output directory; the stage goes to OUT/filter")
+    filt.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    add_config_options(filt)
+    filt.set_defaults(func=cmd_filter)
+
+    train = commands.add_parser("train", help="train a LoRA from enhanced pairs (Ray Train + DeepSpeed)")
+    train.add_argument("--pairs", required=True, help="pair folder (Parquet, the enhance/filter output)")
+    train.add_argument("--out", required=True, help="output directory (local path, s3:// or gs://)")
+    train.add_argument("--round", type=int, help="round recorded in the LoRA (default: the pairs' round)")
+    train.add_argument("--overwrite", action="store_true", help=OVERWRITE + " and its checkpoints")
+    add_config_options(train)
+    train.set_defaults(func=cmd_train)
+
+
+def add_evaluate(commands) -> None:
+    ev = commands.add_parser(
+        "evaluate", help="compare a model with and without LoRAs: scores, judge, intervals"
+    )
+    add_config_options(ev)
+    alias(ev, "--base", "model.source", required=True)
+    ev.add_argument(
+        "--lora", action="append", default=[], metavar="PATH",
+        help="LoRA safetensors added to the base (and its model.loras), in order (repeatable)",
+    )  # fmt: skip
+    ev.add_argument("--prompts", help="prompt file (default: the held-out prompts shipped with the package)")
+    ev.add_argument("--out", required=True, help="output directory (metrics.json, report.txt, plots/)")
+    ev.add_argument("--overwrite", action="store_true", help="replace a completed evaluation")
+    ev.set_defaults(func=cmd_evaluate)
+
+
+def _write_config(cfg, out: str) -> None:
+    from artaug import storage
+    from artaug.config import to_yaml
+
+    storage.write_text(storage.join(out, "run.yaml"), to_yaml(cfg))
+
+
+def cmd_generate(args) -> int:
+    from artaug import storage
+    from artaug.preview import write_contact_sheet
+    from artaug.prompts import read_prompts
+    from artaug.stages.contract import read_stage
+    from artaug.stages.generate import generate
+
+    cfg = load(args)
+    prompts = read_prompts(args.prompts)
+    _write_config(cfg, args.out)
+    for note in prompts.notes:
+        log.info("%s: %s", prompts.source, note)
+    stage_dir = storage.join(args.out, "generate")
+    log.info("generating %d prompt(s) into %s", len(prompts.rows), stage_dir)
+    s = generate(cfg, prompts, stage_dir, round_index=args.round, overwrite=args.overwrite)
+    preview = write_contact_sheet(read_stage(stage_dir, ["image"]), storage.join(args.out, "preview.png"))
+    print(
+        f"generate: {s['rows']} rows, {s['images']} images, {s['errors']} errors, {s['warnings']} warnings,"
+        f" {s['skipped_blank_prompts']} blank prompts skipped, {s['seconds']:.1f} s"
+        f" ({s['images_per_second']} images/s)\n  images:  {stage_dir}\n  preview: {preview}"
+    )
+    return 0
+
+
+def cmd_critique(args) -> int:
+    from artaug import storage
+    from artaug.stages.critique import critique
+
+    cfg = load(args)
+    _write_config(cfg, args.out)
+    stage_dir = storage.join(args.out, "critique")
+    log.info("critiquing %s with the %s critic into %s", args.images, cfg.critique.backend, stage_dir)
+    s = critique(cfg, args.images, stage_dir, overwrite=args.overwrite)
+    print(
+        f"critique ({s['backend']}): {s['rows']} rows: {s['ok']} ok, {s['invalid']} invalid, {s['failed']}"
+        f" failed; {s['with_suggestions']} with suggestions; {s['seconds']:.1f} s\n  critiques: {stage_dir}"
+    )
+    return 0
+
+
+def cmd_enhance(args) -> int:
+    from artaug import storage
+    from artaug.stages.enhance import enhance
+
+    cfg = load(args)
+    _write_config(cfg, args.out)
+    stage_dir = storage.join(args.out, "enhance")
+    log.info("enhancing (%s) into %s", cfg.enhance.mode, stage_dir)
+    s = enhance(cfg, args.images, args.critiques, stage_dir, overwrite=args.overwrite)
+    print(
+        f"enhance ({s['mode']}): {s['rows']} pairs: {s['enhanced']} enhanced, {s['unchanged']} unchanged,"
+        f" {s['errors']} errors; {s['seconds']:.1f} s\n  pairs: {stage_dir}"
+    )
+    return 0
+
+
+def cmd_filter(args) -> int:
+    from artaug import storage
+    from artaug.stages.filter import filter_pairs
+
+    cfg = load(args)
+    stage_dir = storage.join(args.out, "filter")
+    s = filter_pairs(cfg, args.pairs, stage_dir, overwrite=args.overwrite)
+    _write_config(cfg, args.out)
+    reasons = ", ".join(f"{k} {v}" for k, v in s["reject_reasons"].items() if v) or "none"
+    print(
+        f"filter: {s['rows']} pairs, {s['accepted']} accepted, {s['rejected']} rejected (reasons: {reasons});"
+        f" {s['missing_images']} with missing images; {s['seconds']:.1f} s\n  pairs: {stage_dir}"
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from artaug import storage
+    from artaug.stages.train import train
+
+    cfg = load(args)
+    pairs, out = storage.absolute(args.pairs), storage.absolute(args.out)
+    _write_config(cfg, out)
+    s = train(cfg, pairs, out, round_index=args.round, overwrite=args.overwrite)
+    cache = s["cache"]
+    skipped = ", ".join(f"{n} {reason}" for reason, n in cache["skipped"].items()) or "none"
+    restarts = ", ".join(str(r["from_step"]) for r in s["restarts"]) or "none"
+    print(
+        f"train: {cache['pairs']} pairs, {cache['usable']} used, skipped: {skipped}\n"
+        f"  {s['mode']}, {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f},"
+        f" {s['seconds']:.1f} s, resumed from steps: {restarts}\n"
+        f"  lora:    {s['lora']}\n  metrics: {storage.join(out, 'lora', 'metrics.jsonl')}"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from artaug import storage
+    from artaug.models.synthesis import model_of_round
+    from artaug.prompts import read_prompts
+    from artaug.stages.evaluate import evaluate
+
+    cfg = load(args)
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    else:
+        with resources.as_file(resources.files("artaug.presets") / "eval_prompts.txt") as path:
+            prompts = read_prompts(str(path))
+    enhanced = model_of_round(cfg.model, args.lora)
+    evaluate(cfg, prompts, args.out, base=cfg.model, enhanced=enhanced, overwrite=args.overwrite)
+    print(storage.read_bytes(storage.join(args.out, "report.txt")).decode(), end="")
+    print(
+        f"  metrics: {storage.join(args.out, 'metrics.json')}\n  plots:   {storage.join(args.out, 'plots')}"
+    )
+    return 0

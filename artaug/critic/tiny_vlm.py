@@ -1,0 +1,138 @@
+"""A tiny, randomly initialised Qwen2-VL saved like a hub checkpoint, so vLLM serves it on CPU.
+
+It has Qwen2-VL's structure (vision tower with 2x2 patch merging, M-RoPE text decoder, the image
+placeholder tokens and a Qwen-style chat template) at a size that starts in seconds. Its tokenizer is
+a byte-level BPE trained in code on the words a critique uses, so JSON answers take few tokens.
+Untrained, it says nothing meaningful: it exercises the real serving and structured-output paths.
+
+    artaug models build-tiny-vlm ./tiny-vlm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from artaug.critic.instruction import instruction
+from artaug.critic.schema import ADJUSTMENT_ASPECTS, DIRECTIONS
+from artaug.models.cache import build_once
+
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen-style chat template: text parts verbatim, each image as vision_start + image_pad + vision_end.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+MIN_PIXELS = 28 * 28
+MAX_PIXELS = 56 * 56  # keeps an image to a handful of tokens
+
+
+def _corpus() -> list[str]:
+    words = list(ADJUSTMENT_ASPECTS) + list(DIRECTIONS)
+    sample = {"assessment": "", "rating": 5, "adjustments": [], "regions": [], "rewritten_prompt": ""}
+    return [instruction("a photo of a cat"), json.dumps(sample), " ".join(words), '0123456789[]{},:" '] * 4
+
+
+def build_tokenizer():
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=4096,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_vlm(directory: str, seed: int = 0) -> str:
+    """Build, save (safetensors, tokenizer, processor, chat template) and return the folder."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIALS}
+    vocab = len(tokenizer)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,  # head_dim 32: vLLM's CPU attention needs >= 32
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=64,
+            hidden_size=128,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = ids["<|endoftext|>"]
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def ensure_tiny_vlm(cache_dir: str, seed: int = 0) -> str:
+    """The tiny VLM's folder under cache_dir, built on first use."""
+    return build_once(cache_dir, f"tiny-qwen2-vl-v1-seed{seed}", lambda folder: build_tiny_vlm(folder, seed))

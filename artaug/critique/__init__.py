@@ -1,1 +1,0 @@
-"""The understanding module: the critique schema, the instruction, and the critic backends."""

@@ -1,0 +1,238 @@
+"""RUN_DIR/report/index.html: what each round did, in one page a person can open.
+
+Per round: before/after thumbnails with the critique and the enhanced regions drawn, score
+distributions and acceptance counts, the training loss curves; then stage timings and the final
+evaluation table. Thumbnails only (loop.thumbnail_side), so the report stays small.
+
+    artaug report runs/artaug-20261126-120000
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from html import escape
+
+from PIL import Image, ImageDraw
+
+from artaug import charts, storage
+from artaug.config import load_config
+from artaug.layout import RunLayout
+from artaug.loop.manifest import Manifest
+from artaug.stages.contract import read_stage
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; text-align: left; }
+.pairs { display: flex; flex-wrap: wrap; gap: 12px; }
+.pair { border: 1px solid #ddd; padding: 6px; width: 300px; font-size: 12px; }
+.pair img { margin-right: 4px; }
+.kept { border-color: #55a868; } .dropped { border-color: #c44e52; }
+.critique { max-height: 6em; overflow: auto; background: #f6f6f6; white-space: pre-wrap; }
+.charts svg { margin-right: 12px; }
+"""
+
+
+def summary_table(manifest: dict) -> str:
+    """The per-round table `artaug run` prints at the end: rows, accepted pairs, mean gain, seconds."""
+    lines = [f"{'round':>5}  {'rows':>5}  {'accepted':>8}  {'mean gain':>9}  {'seconds':>8}  status"]
+    for k, stages in sorted(manifest.get("rounds", {}).items(), key=lambda kv: int(kv[0])):
+        filt = stages.get("filter", {}).get("metrics", {})
+        gain = filt.get("mean_aesthetic_gain")
+        seconds = sum(s.get("seconds") or 0 for s in stages.values())
+        status = (
+            "trained" if stages.get("register", {}).get("status") == "complete" else _round_status(stages)
+        )
+        lines.append(
+            f"{k:>5}  {stages.get('generate', {}).get('rows') or 0:>5}  {filt.get('accepted', 0):>8}"
+            f"  {'-' if gain is None else f'{gain:+.4f}':>9}  {seconds:>8.1f}  {status}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _round_status(stages: dict) -> str:
+    if any(s.get("status") == "skipped" for s in stages.values()):
+        return "stopped before training"
+    return next((f"{name} {s['status']}" for name, s in stages.items() if s.get("status") != "complete"), "?")
+
+
+def write_report(run_dir: str, status: str | None = None) -> dict:
+    """Write report/index.html and its thumbnails; returns {"path", "images", "stage", "seconds"}.
+
+    `status` overrides the manifest's (the run writes its report as its last stage, while running).
+    """
+    start = time.perf_counter()
+    layout = RunLayout(run_dir)
+    manifest = Manifest.load(run_dir).data
+    cfg = load_config(path=layout.run_yaml)
+    out = layout.report
+    page = _Page(out, cfg.loop.thumbnail_side)
+    page.add(f"<h1>artaug run {escape(manifest['name'])}</h1>")
+    page.add(
+        f"<p>status <b>{escape(status or manifest['status'])}</b>, created {escape(manifest['created'])},"
+        f" config hash {manifest['config_hash']}, artaug {manifest['artaug_version']}</p>"
+    )
+    if manifest.get("stopped_early"):
+        page.add(f"<p>Stopped early: {escape(json.dumps(manifest['stopped_early']))}</p>")
+    page.add("<h2>Rounds</h2><pre>" + escape(summary_table(manifest)) + "</pre>")
+    for k in sorted(manifest.get("rounds", {}), key=int):
+        _round_section(page, layout, int(k), cfg)
+    _evaluation_section(page, layout)
+    page.add("<h2>Stage timings</h2>" + _timings(manifest))
+    page.add(
+        "<h2>Environment</h2><pre>"
+        + escape(json.dumps({k: manifest.get(k) for k in ("models", "packages", "host")}, indent=1))
+        + "</pre>"
+    )
+    path = page.write()
+    summary = {"stage": "report", "path": path, "images": page.images, "seconds": time.perf_counter() - start}
+    storage.mark_complete(out, summary)
+    return summary
+
+
+class _Page:
+    def __init__(self, out: str, side: int):
+        self.out, self.side, self.parts, self.images = out, side, [], 0
+
+    def add(self, html: str) -> None:
+        self.parts.append(html)
+
+    def thumbnail(self, png: bytes | None, name: str, boxes: list | None = None) -> str:
+        """Write a thumbnail (regions drawn as boxes) under img/; returns its <img> tag."""
+        if not png:
+            return '<span class="missing">(no image)</span>'
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        image.thumbnail((self.side, self.side))
+        draw = ImageDraw.Draw(image)
+        for box in boxes or []:
+            x0, y0, x1, y1 = (v * s for v, s in zip(box, (*image.size, *image.size), strict=True))
+            draw.rectangle((x0, y0, x1, y1), outline=(255, 64, 64), width=2)
+        return self.image(_png(image), name, f"{name}")
+
+    def image(self, data: bytes, name: str, alt: str) -> str:
+        storage.write_bytes(storage.join(self.out, "img", name), data)
+        self.images += 1
+        return f'<img src="img/{escape(name)}" alt="{escape(alt)}">'
+
+    def write(self) -> str:
+        html = (
+            '<!doctype html><html><head><meta charset="utf-8"><title>artaug report</title>'
+            f"<style>{STYLE}</style></head><body>{''.join(self.parts)}</body></html>"
+        )
+        path = storage.join(self.out, "index.html")
+        storage.write_text(path, html)
+        return path
+
+
+def _round_section(page: _Page, layout: RunLayout, k: int, cfg) -> None:
+    d = layout.round(k)
+    page.add(f"<h2>Round {k}</h2>")
+    filt = d.stage("filter")
+    if not storage.is_complete(filt):
+        page.add("<p>(the filter stage has not completed: no pairs to show)</p>")
+        return
+    summary = storage.read_summary(filt)
+    rows = read_stage(filt).to_pylist()
+    critiques = {}
+    if storage.is_complete(d.stage("critique")):
+        columns = ["prompt_id", "status", "critique", "error"]
+        table = read_stage(d.stage("critique"), columns=columns)
+        critiques = {r["prompt_id"]: r for r in table.to_pylist()}
+    aesthetic = cfg.filter.aesthetic
+    drawn = [
+        charts.histogram(
+            f"{aesthetic} before / after",
+            {
+                "before": [
+                    r[f"{aesthetic}_before"] for r in rows if r.get(f"{aesthetic}_before") is not None
+                ],
+                "after": [r[f"{aesthetic}_after"] for r in rows if r.get(f"{aesthetic}_after") is not None],
+            },
+        ),  # fmt: skip
+        charts.bars(
+            "pairs",
+            {
+                "accepted": summary["accepted"],
+                "rejected": summary["rejected"],
+                **{k: v for k, v in summary["reject_reasons"].items() if v},
+            },
+        ),  # fmt: skip
+        charts.lines("training loss", _loss_curves(d.train.metrics)),
+    ]
+    page.add(f'<div class="charts">{"".join(drawn)}</div>')
+    cells = []
+    for row in rows[: cfg.loop.report_pairs]:
+        pid = row["prompt_id"]
+        regions = json.loads(row.get("regions") or "[]")
+        crit = critiques.get(pid, {})
+        text = crit.get("critique") or crit.get("error") or crit.get("status") or ""
+        before = page.thumbnail(row["before"], f"r{k}-{pid}-before.png", [r["box"] for r in regions])
+        after = page.thumbnail(row["after"], f"r{k}-{pid}-after.png")
+        delta = row.get("aesthetic_delta")
+        verdict = "kept" if row["accepted"] else "dropped: " + ", ".join(row["reject_reasons"])
+        gain = "-" if delta is None else f"{delta:+.4f}"
+        cells.append(
+            f'<div class="pair {"kept" if row["accepted"] else "dropped"}">{before}{after}'
+            f"<div><b>{escape(pid)}</b> {escape(row['prompt'][:120])}</div>"
+            f"<div>{escape(verdict)}; gain {gain}; {len(regions)} region(s)</div>"
+            f'<div class="critique">{escape(_readable_critique(text))}</div></div>'
+        )
+    page.add(f'<div class="pairs">{"".join(cells)}</div>')
+
+
+def _readable_critique(text: str) -> str:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text[:600]
+    parts = [data.get("assessment", "")]
+    for a in data.get("adjustments", []):
+        parts.append(f"{a.get('aspect')} {a.get('direction')} x{a.get('strength')}")
+    parts += [f"region {r.get('box')}: {r.get('prompt')}" for r in data.get("regions", [])]
+    return "\n".join(p for p in parts if p)[:600]
+
+
+def _loss_curves(path: str) -> dict[str, list[tuple[float, float]]]:
+    if not storage.exists(path):
+        return {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for line in storage.read_bytes(path).decode().splitlines():
+        entry = json.loads(line)
+        curves.setdefault(f"{entry['phase']} images", []).append((entry["step"], entry["loss"]))
+    return curves
+
+
+def _evaluation_section(page: _Page, layout: RunLayout) -> None:
+    page.add("<h2>Evaluation: base vs base + combined LoRA</h2>")
+    table = storage.join(layout.evaluate, "report.txt")
+    if not storage.exists(table):
+        page.add("<p>(no evaluation: no round trained, loop.evaluate is off, or it has not finished)</p>")
+        return
+    page.add("<pre>" + escape(storage.read_bytes(table).decode()) + "</pre>")
+    for name in ("scores.svg", "differences.svg", "mllm_win_rate.svg"):
+        chart = storage.join(layout.evaluate, "plots", name)
+        if storage.exists(chart):
+            page.add(f'<div class="charts">{storage.read_bytes(chart).decode()}</div>')
+
+
+def _timings(manifest: dict) -> str:
+    rows = []
+    rounds = sorted(manifest.get("rounds", {}).items(), key=lambda kv: int(kv[0]))
+    groups = [(f"round {k}", stages) for k, stages in rounds]
+    for group, stages in [*groups, ("final", manifest.get("final", {}))]:
+        for name, s in stages.items():
+            seconds = s.get("seconds")
+            rows.append(
+                f"<tr><td>{group}</td><td>{name}</td><td>{s.get('status')}</td><td>{s.get('rows') or ''}</td>"
+                f"<td>{s.get('errors') or 0}</td><td>{'' if seconds is None else f'{seconds:.1f}'}</td></tr>"
+            )
+    head = "<tr><th>when</th><th>stage</th><th>status</th><th>rows</th><th>errors</th><th>seconds</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

@@ -1,0 +1,302 @@
+"""`artaug run`: the ArtAug loop over rounds, resumable from its run directory.
+
+Round k: generate -> critique -> enhance -> filter -> train (differential) -> register, where the
+model of round k is the configured model with the LoRAs of rounds 1..k-1 fused in
+(`models.synthesis.model_of_round`). After the last round (or a round whose filter finds too
+little gain: the loop stops before training it), the rounds' LoRAs are combined into one adapter,
+the configured model and the enhanced model (`enhanced_model`: what `artaug serve` serves) are
+evaluated on held-out prompts, and the report is written. Where each output lives:
+`artaug.layout.RunLayout`.
+
+The loop alone decides that a complete stage is skipped: `artaug run --resume RUN_DIR` skips
+complete stages, discards a half-written one and redoes it (training and evaluation resume from
+their own partial outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from importlib import resources
+
+import pyarrow.parquet as pq
+
+from artaug import storage
+from artaug.cluster import init_ray
+from artaug.config import ConfigError, ModelConfig, RunConfig, load_config, to_yaml
+from artaug.critic.backends import critic_model
+from artaug.critic.engine import WarmEngine
+from artaug.critic.judge import judge_config, judge_model
+from artaug.layout import RunLayout
+from artaug.loop.manifest import Manifest, RunDirError, config_hash
+from artaug.loop.observe import install_log_context, log_context, record_stage
+from artaug.loop.report import write_report
+from artaug.lora.algebra import combine_rounds
+from artaug.lora.files import check_finite
+from artaug.models.synthesis import enhanced_model, model_of_round
+from artaug.prompts import PromptSet, read_prompts
+from artaug.stages.contract import run_stage
+from artaug.stages.critique import critique
+from artaug.stages.enhance import enhance
+from artaug.stages.evaluate import evaluate
+from artaug.stages.filter import filter_pairs
+from artaug.stages.generate import generate
+from artaug.stages.train import train
+from artaug.train.latents import PairsError, eligible_pairs
+
+log = logging.getLogger(__name__)
+
+
+def start(cfg: RunConfig, run_dir: str) -> Manifest:
+    """A new run directory: refuses one that already holds a run (nothing there is overwritten)."""
+    layout = RunLayout(run_dir)
+    for path in (layout.manifest, layout.run_yaml):
+        if storage.exists(path):
+            raise RunDirError(
+                f"{run_dir} already holds a run ({os.path.basename(path)}): continue it with"
+                f" `artaug run --resume {run_dir}`, or choose another --out"
+            )
+    storage.write_text(layout.run_yaml, to_yaml(cfg))
+    return Manifest.create(run_dir, cfg)
+
+
+def reopen(run_dir: str) -> tuple[RunConfig, Manifest]:
+    """The config and manifest of an unfinished run written by this version of artaug."""
+    layout = RunLayout(run_dir)
+    manifest = Manifest.load(run_dir)
+    if manifest.data["status"] == "finished":
+        raise RunDirError(f"{run_dir} has finished; nothing to resume (report: {layout.report_page})")
+    try:
+        cfg = load_config(path=layout.run_yaml)
+    except ConfigError as err:
+        raise RunDirError(f"{layout.run_yaml}: {err}") from None
+    busy = manifest.live_attempt()
+    if busy:
+        raise RunDirError(
+            f"{run_dir} is being worked on by artaug process {busy} on this host: wait or stop it"
+        )
+    if config_hash(cfg) != manifest.data["config_hash"]:
+        raise RunDirError(
+            f"{layout.run_yaml} changed since the run started (config hash {config_hash(cfg)},"
+            f" manifest {manifest.data['config_hash']}): restore it, or start a new run"
+        )
+    return cfg, manifest
+
+
+def train_prompts(cfg: RunConfig) -> PromptSet:
+    return _prompts(cfg.prompts, "prompts.txt", cfg.loop.max_prompts)
+
+
+def eval_prompts(cfg: RunConfig) -> PromptSet:
+    return _prompts(cfg.loop.eval_prompts, "eval_prompts.txt", cfg.loop.eval_max_prompts)
+
+
+def _prompts(path: str, shipped: str, limit: int) -> PromptSet:
+    if path:
+        prompts = read_prompts(path)
+    else:
+        with resources.as_file(resources.files("artaug.presets") / shipped) as local:
+            prompts = read_prompts(str(local))
+    return prompts.first(limit) if limit else prompts
+
+
+class Loop:
+    """Runs (or resumes) the rounds and the final stages, keeping the manifest in step."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str, manifest: Manifest):
+        self.cfg, self.layout, self.manifest = cfg, RunLayout(run_dir), manifest
+        self.engine: WarmEngine | None = None
+        self.attempt = 0
+
+    def run(self, resumed: bool = False) -> dict:
+        self.manifest.begin_attempt(resumed)
+        self.manifest.data.pop("stopped_early", None)  # decided again from the filter's results
+        self.attempt = len(self.manifest.data["attempts"]) - 1
+        if not storage.is_uri(self.layout.root):
+            os.makedirs(os.path.dirname(self.layout.log_file), exist_ok=True)
+            install_log_context(self.layout.log_file)
+        with log_context(run=self.cfg.name):
+            try:
+                init_ray(self.cfg.ray, output=self.layout.root)
+                if WarmEngine.applies(self.cfg.critique, self.cfg.loop.persistent_critic):
+                    self.engine = WarmEngine(self.cfg.critique, critic_model(self.cfg.critique))
+                loras = self._rounds()
+                self._final(loras)
+            except BaseException as err:
+                self.manifest.set(status="failed" if isinstance(err, Exception) else "interrupted")
+                raise
+            finally:
+                if self.engine is not None:
+                    self.engine.close()
+        self.manifest.finish()
+        return self.manifest.data
+
+    # ------------------------------------------------------------------ rounds
+
+    def _rounds(self) -> list[str]:
+        prompts = train_prompts(self.cfg)
+        loras: list[str] = []
+        for k in range(1, self.cfg.loop.rounds + 1):
+            with log_context(round=k):
+                lora = self._round(k, prompts, loras)
+            if lora is None:
+                break
+            loras.append(lora)
+        return loras
+
+    def _round(self, k: int, prompts: PromptSet, earlier: list[str]) -> str | None:
+        """Round k's stages; returns its LoRA, or None when the round stopped the loop before training."""
+        d = self.layout.round(k)
+        cfg = dataclasses.replace(self.cfg, model=model_of_round(self.cfg.model, earlier))
+        label = f"round {k}/{self.cfg.loop.rounds}"
+        if self.engine is not None and not storage.is_complete(d.stage("critique")):
+            self.engine.start()  # the engine loads while this round generates
+        step = lambda name, work, **kw: self._step(k, name, d.stage(name), label, work, **kw)  # noqa: E731
+        step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k, overwrite=True))
+        step("critique", lambda: critique(cfg, d.stage("generate"), d.stage("critique"),
+                                          endpoint=self._critic_endpoint(), overwrite=True))  # fmt: skip
+        step("enhance", lambda: enhance(cfg, d.stage("generate"), d.stage("critique"), d.stage("enhance"),
+                                        overwrite=True))  # fmt: skip
+        verdict = step(
+            "filter", lambda: filter_pairs(cfg, d.stage("enhance"), d.stage("filter"), overwrite=True)
+        )
+        stop = self._stop_reason(verdict, d.stage("filter"))
+        if stop:
+            log.warning("%s: %s; the loop stops before training this round", label, stop)
+            print(f"[{label}] stopping: {stop}")
+            for name in ("train", "register"):
+                self.manifest.stage(k, name).update(status="skipped", reason=stop)
+            self.manifest.set(stopped_early={"round": k, "reason": stop})
+            return None
+        step(
+            "train", lambda: train(cfg, d.stage("filter"), d.stage("train"), round_index=k), keep_partial=True
+        )
+        lora = d.train.lora
+        step("register", lambda: run_stage("register", d.stage("register"), lambda: register(lora, earlier)))
+        return lora
+
+    def _critic_endpoint(self) -> str | None:
+        if self.engine is None:
+            return None
+        url = self.engine.endpoint()
+        self.manifest.set(critic_engine={"kind": "one vLLM engine for the run (OpenAI protocol)", "url": url})
+        return url
+
+    def _stop_reason(self, verdict: dict, filter_dir: str) -> str | None:
+        try:
+            eligible_pairs(filter_dir)
+        except PairsError as err:
+            return str(err)
+        loop = self.cfg.loop
+        rate = verdict.get("acceptance_rate") or 0.0
+        gain = verdict.get("mean_aesthetic_gain")
+        if rate < loop.min_acceptance_rate:
+            return f"acceptance rate {rate:.3f} < loop.min_acceptance_rate {loop.min_acceptance_rate}"
+        if gain is None or gain < loop.min_aesthetic_gain:
+            return f"mean aesthetic gain {gain} < loop.min_aesthetic_gain {loop.min_aesthetic_gain}"
+        return None
+
+    # ------------------------------------------------------------------ final stages
+
+    def _final(self, loras: list[str]) -> None:
+        layout, cfg = self.layout, self.cfg
+        if loras:
+            rank = cfg.loop.combine_rank or None
+            combine = lambda: combine_rounds(loras, layout.combined_lora, rank)  # noqa: E731
+            self._step("final", "combine", layout.combine, "final",
+                       lambda: run_stage("combine", layout.combine, combine))  # fmt: skip
+        if loras and cfg.loop.evaluate:
+            base, enhanced = evaluated_models(cfg, layout)
+            self._step("final", "evaluate", layout.evaluate, "final", lambda: evaluate(
+                cfg, eval_prompts(cfg), layout.evaluate, base=base, enhanced=enhanced,
+                judge_endpoint=self._judge_endpoint(), overwrite=False), keep_partial=True)  # fmt: skip
+        self._step("final", "report", layout.report, "final",
+                   lambda: write_report(layout.root, status="finished"), redo=True)  # fmt: skip
+
+    def _judge_endpoint(self) -> Callable[[], str] | None:
+        """A warm engine for the judge: the critic's when it is the same model, else one started now
+        (it loads while evaluate generates). None: the judge runs its own backend as configured."""
+        if not (
+            self.cfg.evaluate.judge
+            and self.cfg.evaluate.judge_backend == "vllm"
+            and self.cfg.loop.persistent_critic
+        ):
+            return None
+        model = judge_model(self.cfg)
+        if self.engine is None or self.engine.model != model:
+            if self.engine is not None:
+                self.engine.close()
+            self.engine = WarmEngine(judge_config(self.cfg), model)
+        self.engine.start()
+        return self.engine.endpoint
+
+    # ------------------------------------------------------------------ one stage
+
+    def _step(self, k, name: str, stage_dir: str, label: str, work, keep_partial=False, redo=False) -> dict:
+        """Run one stage unless complete; a half-written output is discarded first (or kept, when the
+        stage resumes by itself: training's checkpoints, evaluate's finished generations)."""
+        with log_context(stage=name):
+            if storage.is_complete(stage_dir) and not redo:
+                summary = storage.read_summary(stage_dir)
+                self.manifest.stage_done(k, name, summary, reused=True)
+                log.info("complete in an earlier attempt: %s", stage_dir)
+                print(f"[{label}] {name}: complete in an earlier attempt")
+                return summary
+            if storage.exists(stage_dir) and not keep_partial:
+                log.warning("discarding the half-written %s", stage_dir)
+                storage.remove_tree(stage_dir)
+            print(f"[{label}] {name}: started")
+            self.manifest.stage_started(k, name, stage_dir, self.attempt)
+            try:
+                summary = work()
+            except BaseException as err:
+                self.manifest.stage_failed(k, name, err)
+                raise
+            self.manifest.stage_done(k, name, summary)
+            record_stage(self.cfg.name, k, name, summary)
+            _log_row_errors(stage_dir)
+            print(f"[{label}] {name}: {_one_line(summary)}")
+            return summary
+
+
+def evaluated_models(cfg: RunConfig, layout: RunLayout) -> tuple[ModelConfig, ModelConfig]:
+    """(base, enhanced) of the final evaluation: the model the run started from (its own LoRAs
+    included) and that model with the combined LoRA, which is what `artaug serve RUN_DIR` serves."""
+    return cfg.model, enhanced_model(cfg.model, layout.combined_lora)
+
+
+def register(lora: str, earlier: list[str]) -> dict:
+    """Check round k's LoRA before later rounds fuse it: readable, finite values."""
+    tensors = check_finite(lora)
+    ranks = [t.shape[0] for key, t in tensors.items() if key.endswith("lora_A.weight")]
+    return {"lora": lora, "loras": [*earlier, lora], "layers": len(ranks), "rank": max(ranks, default=0)}
+
+
+def _log_row_errors(stage_dir: str, limit: int = 20) -> None:
+    """One log line per failed row, keyed by prompt_id (the summary only counts them)."""
+    fs, path = storage.resolve(stage_dir)
+    try:
+        table = pq.ParquetDataset(path, filesystem=fs).read(columns=["prompt_id", "error"])
+    except Exception:  # noqa: BLE001 - stages without per-row errors (train, register, report)
+        return
+    failed = [(p, e) for p, e in zip(*table.to_pydict().values(), strict=True) if e]
+    for prompt_id, error in failed[:limit]:
+        log.warning("prompt_id=%s: %s", prompt_id, error)
+    if len(failed) > limit:
+        log.warning("... and %d more failed rows", len(failed) - limit)
+
+
+_SHOWN = (
+    "rows", "images", "ok", "invalid", "failed", "enhanced", "unchanged", "accepted", "acceptance_rate",
+    "mean_aesthetic_gain", "steps", "final_loss", "errors", "rank", "seconds",
+)  # fmt: skip
+
+
+def _one_line(summary: dict) -> str:
+    return ", ".join(f"{k} {_fmt(summary[k])}" for k in _SHOWN if summary.get(k) is not None)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,168 @@
+"""LoRA algebra across rounds: read a file as per-layer factors with its scale folded in, combine
+files into one adapter (the rounds' combination among them).
+
+Fusing adds scale * B @ A to a layer's weight, so fusing files one after another equals adding their
+deltas: one adapter whose A is the inputs' A factors stacked (rows) and whose B is their scaled B
+factors side by side (columns) has exactly that delta. Its rank is the sum of the inputs' ranks; an
+SVD can re-compress it to a target rank, dropping the smallest singular values (error reported).
+
+Written adapters carry every scale in B and have alpha == rank, one rank for every layer (layers of
+lower rank are padded with zero rows and columns, which changes nothing), so every loader that applies
+alpha / rank reads them the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from diffusers import FluxPipeline
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+
+from artaug.lora.files import LoraFileError, local_copy, read_metadata, save_lora
+
+COMPONENT = "transformer."  # key prefix of the transformer's layers in diffusers' layout
+
+
+def read_factors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (A, B * scale)} in float64 for a LoRA file in any layout diffusers reads.
+
+    `scale` is the file's alpha / rank for that layer (from the adapter metadata; 1 without it, the
+    diffusers convention), so B @ A is exactly what fusing the file at scale 1 adds to the layer.
+    """
+    try:
+        state, alphas, config = FluxPipeline.lora_state_dict(
+            local_copy(path), return_alphas=True, return_lora_metadata=True
+        )
+    except Exception as err:  # noqa: BLE001 - any reader failure means the file is not a LoRA we can read
+        raise LoraFileError(f"LoRA file {path}: unreadable ({type(err).__name__}: {err})") from None
+    foreign = [
+        k for k in state if not k.startswith(COMPONENT) or not k.endswith(("lora_A.weight", "lora_B.weight"))
+    ]
+    if foreign or alphas:
+        what = ", ".join(foreign[:4]) or "per-layer network alphas"
+        raise LoraFileError(
+            f"LoRA file {path}: only transformer lora_A/lora_B weights are supported ({what})"
+        )
+    config = {k.removeprefix(COMPONENT): v for k, v in (config or {}).items() if k.startswith(COMPONENT)}
+    factors = {}
+    for key in state:
+        if not key.endswith("lora_A.weight"):
+            continue
+        layer = key.removeprefix(COMPONENT).removesuffix(".lora_A.weight")
+        down, up = state[key].double(), state[key.replace("lora_A.weight", "lora_B.weight")].double()
+        rank = alpha = down.shape[0]  # no metadata: diffusers applies B @ A unscaled
+        if config:
+            ranks, alphas_ = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+            rank = ranks.get(get_pattern_key(ranks.keys(), layer), config["r"])
+            alpha = alphas_.get(get_pattern_key(alphas_.keys(), layer), config["lora_alpha"])
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        factors[layer] = (down, up * scale)
+    return factors
+
+
+def delta(factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The weight change B @ A of one layer."""
+    down, up = factors
+    return up @ down
+
+
+def concatenate(
+    inputs: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], scales: list[float]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One adapter whose delta per layer is sum_i scales[i] * delta_i (layers missing in a file add 0)."""
+    layers = sorted({layer for factors in inputs for layer in factors})
+    out = {}
+    for layer in layers:
+        parts = [(f[layer], s) for f, s in zip(inputs, scales, strict=True) if layer in f]
+        out[layer] = (torch.cat([a for (a, _), _ in parts]), torch.cat([b * s for (_, b), s in parts], dim=1))
+    return out
+
+
+def compress(factors: tuple[torch.Tensor, torch.Tensor], rank: int):
+    """(A', B', dropped norm, total norm): the best rank-`rank` approximation of B @ A (Eckart-Young).
+
+    Works on the thin QR factors, so it costs O((in + out) k^2) for a rank-k input, not an SVD of the
+    full out x in matrix.
+    """
+    down, up = factors
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    keep = min(rank, s.numel())
+    root = s[:keep].sqrt()
+    new_up = q_up @ (u[:, :keep] * root)
+    new_down = (root[:, None] * vh[:keep]) @ q_down.T
+    return new_down, new_up, s[keep:].square().sum().sqrt().item(), s.square().sum().sqrt().item()
+
+
+def write_adapter(
+    path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: dict, dtype=torch.float32
+) -> int:
+    """Write factors (scales already in B) as a diffusers LoRA file at alpha == rank; returns the rank."""
+    rank = max(down.shape[0] for down, _ in factors.values())
+    weights = {}
+    for layer, (down, up) in factors.items():
+        pad = rank - down.shape[0]
+        weights[f"{layer}.lora_A.weight"] = torch.cat([down, down.new_zeros(pad, down.shape[1])]).to(dtype)
+        weights[f"{layer}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1).to(dtype)
+    # A regex matched in full: exactly these layers get LoRA layers on load (a plain name list would
+    # also match every layer whose name merely ends with one of them).
+    targets = "|".join(re.escape(layer) for layer in sorted(factors))
+    save_lora(path, weights, LoraConfig(r=rank, lora_alpha=rank, target_modules=f"^(?:{targets})$"), metadata)
+    return rank
+
+
+def combine(
+    paths: list[str],
+    out: str,
+    scales: list[float] | None = None,
+    rank: int | None = None,
+    metadata: dict | None = None,
+) -> dict:
+    """Combine LoRA files into one adapter at `out` equal to fusing them in order with `scales`.
+
+    Exact (up to float32 storage) without `rank`; with `rank`, every layer is re-compressed to at most
+    that rank by SVD and the summary reports the relative Frobenius error of the dropped part (overall
+    and worst layer).
+    """
+    if not paths:
+        raise LoraFileError("combine needs at least one LoRA file")
+    scales = [1.0] * len(paths) if scales is None else [float(s) for s in scales]
+    if len(scales) != len(paths):
+        raise LoraFileError(f"combine: {len(scales)} scale(s) for {len(paths)} LoRA file(s)")
+    if rank is not None and rank < 1:
+        raise LoraFileError(f"combine: rank must be >= 1 (got {rank})")
+    combined = concatenate([read_factors(p) for p in paths], scales)
+    summary: dict = {"inputs": list(paths), "scales": scales, "layers": len(combined)}
+    if rank is not None:
+        dropped, total, worst = 0.0, 0.0, 0.0
+        for layer, factors in combined.items():
+            down, up, lost, norm = compress(factors, rank)
+            combined[layer] = (down, up)
+            dropped, total = dropped + lost**2, total + norm**2
+            worst = max(worst, lost / norm if norm > 0 else 0.0)
+        summary["relative_error"] = {
+            "overall": math.sqrt(dropped / total) if total else 0.0,
+            "worst_layer": worst,
+        }
+    inputs_meta = [read_metadata(p) for p in paths]
+    bases = {m.get("base_model") for m in inputs_meta}
+    record = {
+        "combined_from": list(paths),
+        "scales": scales,
+        "input_rounds": [m.get("round") for m in inputs_meta],
+        **({"base_model": bases.pop()} if len(bases) == 1 and None not in bases else {}),
+        **({"relative_error": summary["relative_error"]} if rank is not None else {}),
+        **(metadata or {}),
+    }
+    summary["rank"] = write_adapter(out, combined, record)
+    summary["out"] = out
+    return summary
+
+
+def combine_rounds(loras: list[str], out: str, rank: int | None = None) -> dict:
+    """The rounds' LoRAs as one adapter at `out`, equal to fusing them in round order."""
+    return combine(loras, out, rank=rank, metadata={"rounds": len(loras)})

@@ -1,0 +1,134 @@
+"""The stage contract: what every stage shares, so that a stage file holds only its transformation.
+
+A stage reads rows (Parquet) from its input folder and writes rows (Parquet) into its own folder,
+`stage_dir`. It counts as complete only once `stage_dir/_SUCCESS` (with the stage's summary) is
+written, last. This module owns that protocol:
+
+- `@stage("name", checks=...)` wraps a stage function `fn(cfg, ..., stage_dir, ...) -> summary`: it
+  runs the stage's input checks (same arguments) before anything is removed or Ray starts, refuses a
+  completed `stage_dir` unless `overwrite=True`, clears a half-written one (a resumable stage keeps
+  it: training resumes from its checkpoints), starts or joins Ray, times the work and writes the
+  marker. Whether a complete stage is skipped is the caller's decision (the loop's, or the user's).
+- `resolve_input` finds a stage's input: the folder itself or its `<stage>` sub-folder.
+- `read_stage` reads a stage's rows; `pool_options` turns a section's `Resources` into the Ray Data
+  actor-pool arguments every model-holding stage uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from artaug import storage
+from artaug.cluster import init_ray, ray_resources
+from artaug.config import RayConfig, Resources
+from artaug.errors import ArtaugError
+
+log = logging.getLogger(__name__)
+
+
+class StageDoneError(ArtaugError, FileExistsError):
+    """The output folder already holds a completed stage and overwriting was not asked for."""
+
+
+class StageInputError(ArtaugError, ValueError):
+    """A stage's input is missing, incomplete or lacks columns; the message names the path."""
+
+
+def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayConfig | None = None,
+              overwrite: bool = False, resumable: bool = False) -> dict:  # fmt: skip
+    """Run `work` into `stage_dir` under the contract; returns the summary written to its marker."""
+    if storage.is_complete(stage_dir) and not overwrite:
+        raise StageDoneError(
+            f"{stage_dir} already holds a completed stage ({name}): use --overwrite to replace it"
+        )
+    if overwrite or not resumable:
+        storage.remove_tree(stage_dir)
+    else:
+        storage.remove(storage.join(stage_dir, storage.SUCCESS))
+    if ray_cfg is not None:
+        init_ray(ray_cfg, output=stage_dir)
+    start = time.perf_counter()
+    summary = {"stage": name, **work()}
+    summary.setdefault("seconds", round(time.perf_counter() - start, 3))
+    storage.mark_complete(stage_dir, summary)
+    return summary
+
+
+def stage(name: str, resumable: bool = False, checks: Callable[..., None] | None = None):
+    """Decorator for a stage function whose first parameter is the RunConfig and that has `stage_dir`.
+
+    `checks(*args, **kwargs)` raises on bad input before anything changes. The wrapped function takes
+    one more keyword, `overwrite` (default False).
+    """
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, overwrite: bool = False, **kwargs) -> dict:
+            bound = signature.bind(*args, **kwargs)
+            cfg, stage_dir = bound.arguments["cfg"], bound.arguments["stage_dir"]
+            if checks is not None:
+                checks(*args, **kwargs)
+            return run_stage(name, stage_dir, lambda: fn(*args, **kwargs), cfg.ray, overwrite, resumable)
+
+        return run
+
+    return wrap
+
+
+def resolve_input(path: str, name: str, columns: tuple[str, ...] = (), require_complete: bool = True) -> str:
+    """The folder holding a `name` stage's rows: `path` itself, or `path/name`.
+
+    With `require_complete`, the folder must carry its completion marker; without it, a folder of
+    Parquet files is accepted (with a warning). Every name in `columns` must be a column of the rows.
+    """
+    for candidate in (path, storage.join(path, name)):
+        complete = storage.is_complete(candidate)
+        if require_complete and not complete:
+            continue
+        names = _column_names(candidate)
+        if names is None:
+            continue
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise StageInputError(f"{candidate}: not {name} rows (missing columns: {', '.join(missing)})")
+        if not complete:
+            log.warning("%s has no _SUCCESS marker: the %s stage may not have finished", candidate, name)
+        return candidate
+    what = f"a completed {name} stage" if require_complete else f"{name} rows"
+    raise StageInputError(f"{path}: neither it nor {storage.join(path, name)} holds {what}")
+
+
+def _column_names(folder: str) -> list[str] | None:
+    fs, inner = storage.resolve(folder)
+    try:
+        dataset = pq.ParquetDataset(inner, filesystem=fs)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return None
+    return dataset.schema.names if dataset.files else None
+
+
+def read_stage(stage_dir: str, columns: list[str] | None = None, exclude: tuple[str, ...] = ()) -> pa.Table:
+    """The Parquet rows of a stage folder sorted by prompt_id: `columns` (those it has, with
+    prompt_id), or every column but `exclude` (e.g. the images, when only the numbers are needed)."""
+    fs, path = storage.resolve(stage_dir)
+    dataset = pq.ParquetDataset(path, filesystem=fs)
+    names = dataset.schema.names
+    wanted = names if columns is None else ["prompt_id", *columns]
+    wanted = [c for c in dict.fromkeys(wanted) if c in names and c not in exclude]
+    return dataset.read(columns=wanted).sort_by("prompt_id")
+
+
+def pool_options(resources: Resources, actors: int) -> dict:
+    """`map_batches` arguments for a pool of `actors` model-holding actors with these resources."""
+    options = ray_resources(resources)
+    return {"compute": ray.data.ActorPoolStrategy(size=actors), **options}

@@ -1,0 +1,202 @@
+"""Fit a LoRA on a latent cache: Ray Train's TorchTrainer with DeepSpeed inside each worker.
+
+Writes into a training output folder (`artaug.layout.TrainOutput`): OUT/checkpoints/ is Ray Train's
+storage (<run name>/step-NNNNNN/ checkpoints and Ray's run state); OUT/lora/ receives the kept LoRA
+(LoRA-2, what diffusers loads) and metrics.jsonl (loss and seconds per step).
+
+A run stopped part-way (killed, failed, cluster lost) and submitted again with the same OUT and run
+name resumes from its latest checkpoint: Ray Train finds its own state under OUT/checkpoints. A
+worker that dies is replaced and the group resumes from the latest checkpoint (`train.max_failures`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from artaug import storage
+from artaug.cluster import gpus_for, init_ray, label_selector
+from artaug.config import RunConfig
+from artaug.errors import ArtaugError
+from artaug.layout import WEIGHT_NAME, TrainOutput
+from artaug.lora.algebra import combine
+from artaug.lora.files import read_metadata
+from artaug.train.latents import ID_COLUMNS, PairsError, read_cache
+from artaug.train.worker import METRICS_FILE, STATE_FILE, FaultInjection, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# Fields that change how a run is executed, not what it computes: a run may resume with other values.
+_OPERATIONAL = {"checkpoint_every", "keep_checkpoints", "max_failures", "encode_actors", "encode_batch_size"}
+
+
+class CheckpointConflictError(ArtaugError, RuntimeError):
+    """OUT/checkpoints holds a run made with another training configuration or other pairs."""
+
+
+def config_hash(cfg: RunConfig, cache_summary: dict) -> str:
+    """What the trained LoRA depends on: the model, the training settings and the cached pairs."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _OPERATIONAL}
+    what = {
+        "model": dataclasses.asdict(cfg.model),
+        "train": train,
+        "pairs": [cache_summary.get("pairs_source"), cache_summary.get("usable")],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fit(
+    cfg: RunConfig,
+    cache_dir: str,
+    out: str,
+    round_index: int | None = None,
+    faults: list[FaultInjection] = (),
+) -> dict:
+    """Run (or resume) the TorchTrainer on a complete latent cache; write OUT/lora; return the summary."""
+    if cfg.train.mode == "pairwise-average":
+        return fit_subsets(cfg, cache_dir, out, round_index)
+    return _fit_one(cfg, cache_dir, out, round_index, faults)
+
+
+def fit_subsets(cfg: RunConfig, cache_dir: str, out: str, round_index: int | None = None) -> dict:
+    """pairwise-average: one differential run (own LoRA-1, own LoRA-2) per disjoint subset of the pairs
+    (cache rows k::K, in OUT/subsets/k/), then OUT/lora holds the mean of their LoRA-2 weight changes:
+    the factors concatenated with scale 1/K each, which is exact (averaging the factors would not be).
+
+    A subset whose run is complete is not trained again, so a stopped run resumes where it was.
+    """
+    count = cfg.train.subsets
+    ids = read_cache(cache_dir).select(ID_COLUMNS).to_pylist()
+    if len(ids) < count:
+        raise PairsError(
+            f"train.subsets={count} needs at least {count} usable pairs, the cache has {len(ids)}"
+        )
+    runs = []
+    target = TrainOutput(out)
+    for k in range(count):
+        sub = target.subset(k)
+        if storage.is_complete(sub.root):
+            runs.append(storage.read_summary(sub.root))
+            continue
+        runs.append(_fit_one(cfg, cache_dir, sub.root, round_index, subset=(k, count)))
+        runs[-1]["pairs"] = [row["prompt_id"] for row in ids[k::count]]
+        storage.mark_complete(sub.root, runs[-1])
+    storage.remove_tree(target.lora_dir)
+    lora = target.lora
+    first = read_metadata(runs[0]["lora"])
+    averaged = combine(
+        [r["lora"] for r in runs],
+        lora,
+        scales=[1 / count] * count,
+        metadata={**first, "lora": f"LoRA-2 (kept): mean of {count} subset LoRA-2s", "subsets": count},
+    )
+    lines = [
+        json.dumps({**json.loads(line), "subset": k})
+        for k, r in enumerate(runs)
+        for line in storage.read_bytes(target.subset(k).metrics).decode().splitlines()
+    ]
+    storage.write_text(target.metrics, "".join(line + "\n" for line in lines))
+    return {
+        "mode": cfg.train.mode,
+        "steps": sum(r["steps"] for r in runs),
+        "first_loss": sum(r["first_loss"] for r in runs) / count,
+        "final_loss": sum(r["final_loss"] for r in runs) / count,
+        "restarts": [x for r in runs for x in r["restarts"]],
+        "seconds": round(sum(r["seconds"] for r in runs), 3),
+        "lora": lora,
+        "rank": averaged["rank"],
+        "subsets": runs,
+        "config_hash": runs[0]["config_hash"],
+        "cache": runs[0]["cache"],
+    }
+
+
+def _fit_one(
+    cfg: RunConfig,
+    cache_dir: str,
+    out: str,
+    round_index: int | None = None,
+    faults: list[FaultInjection] = (),
+    subset: tuple[int, int] | None = None,
+) -> dict:
+    cache = storage.read_summary(cache_dir)
+    digest = config_hash(cfg, cache)
+    target = TrainOutput(out)
+    checkpoints = target.checkpoints
+    _claim(checkpoints, digest)
+    init_ray(cfg.ray, output=out)
+    gpus = gpus_for(cfg.train.resources)
+    fs, path = storage.resolve(checkpoints)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "cache_dir": cache_dir,
+            "config_hash": digest,
+            "round_index": round_index if round_index is not None else max(cache.get("rounds") or [1]),
+            "faults": list(faults),
+            "subset": subset,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cfg.train.resources.cpus, **({"GPU": gpus} if gpus > 0 else {})},
+            label_selector=label_selector(cfg.train.resources.node_labels),
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=RayRunConfig(
+            name=cfg.name,
+            storage_path=path,
+            storage_filesystem=fs if storage.is_uri(checkpoints) else None,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    final = result.checkpoint
+    state = json.loads(_read(final, STATE_FILE))
+    storage.remove_tree(target.lora_dir)
+    for name in (WEIGHT_NAME, METRICS_FILE):
+        storage.write_bytes(storage.join(target.lora_dir, name), _read(final, name))
+    history = state["history"]
+    return {
+        "mode": cfg.train.mode,
+        "steps": state["step"],
+        "first_loss": history[0]["loss"],
+        "final_loss": history[-1]["loss"],
+        "restarts": state["restarts"],
+        "rank_digests": state["rank_digests"],
+        "seconds": round(seconds, 3),
+        "lora": target.lora,
+        "checkpoint": final.path,
+        "config_hash": digest,
+        "cache": cache,
+    }
+
+
+def _claim(checkpoints: str, digest: str) -> None:
+    """Record which configuration OUT/checkpoints belongs to; refuse to resume another one's run."""
+    marker = storage.join(checkpoints, "_config_hash")
+    if storage.exists(marker):
+        found = storage.read_bytes(marker).decode().strip()
+        if found != digest:
+            raise CheckpointConflictError(
+                f"{checkpoints} holds checkpoints of another training configuration or pair set"
+                f" ({found}, this run {digest}): use --overwrite or another --out"
+            )
+    else:
+        storage.write_text(marker, digest + "\n")
+
+
+def _read(checkpoint, name: str) -> bytes:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as f:
+        return f.read()
