@@ -14,7 +14,7 @@ Set-up (all tiny, all on CPU, nothing downloaded):
   exposure and colour temperature +0.16), encoded with the same autoencoder.
 - Modes: differential (LoRA-1 on before, fused; LoRA-2 on after from the merged model, kept), direct
   (LoRA on after only), pairwise-average (differential on K disjoint subsets, LoRA-2 deltas averaged
-  with artaug.lora.combine). Trained in this process with the training loop's objective
+  with artaug.lora.algebra.combine). Trained in this process with the training loop's objective
   (artaug.models.flow_matching) and peft, not through Ray Train + DeepSpeed: many short runs, and the
   method, not the distribution, is what is measured here. LoRA-1 is fused with the production
   fuse_into_transformer from its saved file.

@@ -2,6 +2,7 @@
 the statistics, the MLLM judge's parsing, the shipped prompt sets, and `artaug evaluate` end to end
 on the tiny models with the tiny VLM judge (one vLLM engine for the module)."""
 
+import dataclasses
 import io
 import json
 import os
@@ -39,10 +40,7 @@ def cache(tmp_path_factory) -> str:
 
 
 def scorers_cfg(cache: str, **fields):
-    cfg = tiny_config(**{"scorers.cache_dir": cache}).scorers
-    for key, value in fields.items():
-        setattr(cfg, key, value)
-    return cfg
+    return dataclasses.replace(tiny_config(**{"scorers.cache_dir": cache}).scorers, **fields)
 
 
 def solid(colour, size=(48, 40)) -> Image.Image:

@@ -189,7 +189,7 @@ def stage_metrics(name: str, summary: dict) -> dict:
     """The few numbers of a stage summary worth keeping in the manifest (summaries stay in _SUCCESS)."""
     keys = {
         "generate": ("images", "images_per_second", "warnings"),
-        "critique": ("ok", "invalid", "failed", "with_suggestions", "backend"),
+        "critique": ("ok", "invalid", "failed", "with_suggestions", "backend", "engine"),
         "enhance": ("enhanced", "unchanged", "mode"),
         "filter": ("accepted", "rejected", "acceptance_rate", "mean_aesthetic_gain"),
         "train": ("mode", "steps", "first_loss", "final_loss", "restarts"),

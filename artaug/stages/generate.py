@@ -24,10 +24,14 @@ def generate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, round_index: in
     start = time.perf_counter()
     generated_images(cfg, prompts, round_index).write_parquet(stage_dir)
     summary = summarize(stage_dir)
-    seconds = time.perf_counter() - start
-    return {**summary, "round": round_index, "skipped_blank_prompts": prompts.skipped_blank,
-            "prompts_source": prompts.source, "images_per_second": round(summary["images"] / seconds, 4),
-    }  # fmt: skip
+    rate = round(summary["images"] / (time.perf_counter() - start), 4)
+    return {
+        **summary,
+        "round": round_index,
+        "skipped_blank_prompts": prompts.skipped_blank,
+        "prompts_source": prompts.source,
+        "images_per_second": rate,
+    }
 
 
 def summarize(stage_dir: str) -> dict:
