@@ -208,8 +208,9 @@ def _kill_orphaned_engines(started_after: float) -> None:
     """vLLM's engine-core process outlives a SIGKILLed run (docs/platform.md); it would keep a core
     busy for the rest of the session. Orphans are the run's engine cores whose server is gone."""
     time.sleep(3)
-    for engine in psutil.process_iter(["name", "create_time"]):
-        if "EngineCore" not in (engine.info["name"] or "") or engine.info["create_time"] < started_after:
+    for engine in psutil.process_iter(["name", "cmdline", "create_time"]):
+        title = f"{engine.info['name']} {' '.join(engine.info['cmdline'] or [])}"
+        if "EngineCore" not in title or engine.info["create_time"] < started_after:
             continue
         try:
             server = engine.parent()
