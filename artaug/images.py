@@ -1,6 +1,12 @@
 """Image utilities: PNG bytes in and out, decoding that checks an image before any model sees it (so
 one bad image cannot stop a dataset), and the pixel statistics the heuristic critic, the image_stats
-scorer and the benchmarks measure."""
+scorer and the benchmarks measure.
+
+`decode_image` is the one way artaug decodes bytes it did not make itself: only PNG, JPEG and WebP
+(no format plugin that runs external programs), at most MAX_PIXELS pixels (a decompression bomb is
+refused from its header, before any pixel is decoded), and every decoder failure becomes a
+BadImageError, which stages turn into that row's error.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,14 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_PIXELS = 4096 * 4096
+"""Largest image decoded (FLUX images are at most about 2048 x 2048)."""
+# Also PIL's own limit, for any decoder call that does not come through decode_image: PIL warns
+# above it and refuses above twice it.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class BadImageError(ValueError):
@@ -16,16 +29,23 @@ class BadImageError(ValueError):
 
 
 def decode_image(data: bytes | None) -> Image.Image:
+    """The RGB image in `data`, or BadImageError (empty, corrupt, truncated, too large, other format)."""
     if not data:
         raise BadImageError("empty image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = image.size  # from the header: nothing decoded yet
+        if width * height > MAX_PIXELS:
+            raise BadImageError(f"image of {width}x{height} pixels is larger than {MAX_PIXELS} pixels")
         image.load()  # decode fully now: truncated files fail here, not inside the engine
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise BadImageError(f"corrupt image: {err}") from None
+        image = image.convert("RGB")
+    except BadImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - decoders raise many types (DecompressionBombError, SyntaxError...)
+        raise BadImageError(f"corrupt image: {type(err).__name__}: {err}"[:300]) from None
     if min(image.size) < 1:
         raise BadImageError(f"image has no pixels: {image.size}")
-    return image.convert("RGB")
+    return image
 
 
 def fit(image: Image.Image, max_side: int) -> Image.Image:

@@ -26,7 +26,7 @@ def cmd_run(args) -> int:
     from artaug import storage
     from artaug.layout import RunLayout
     from artaug.loop.report import summary_table
-    from artaug.loop.runner import Loop, reopen, start
+    from artaug.loop.runner import Loop, check_prompts, reopen, start
 
     if args.resume:
         if args.config or args.preset or args.overrides or args.out:
@@ -35,8 +35,10 @@ def cmd_run(args) -> int:
             )
         run_dir = storage.absolute(args.resume)
         cfg, manifest = reopen(run_dir)
+        check_prompts(cfg)
     else:
         cfg = load(args)
+        check_prompts(cfg)  # before the run directory is created
         run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir = storage.absolute(run_dir)  # Ray's workers run in other working directories
         manifest = start(cfg, run_dir)

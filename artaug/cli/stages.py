@@ -79,18 +79,17 @@ def cmd_generate(args) -> int:
     from artaug import storage
     from artaug.preview import write_contact_sheet
     from artaug.prompts import read_prompts
-    from artaug.stages.contract import read_stage
     from artaug.stages.generate import generate
 
     cfg = load(args)
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, settings=cfg.generate)
     _write_config(cfg, args.out)
     for note in prompts.notes:
         log.info("%s: %s", prompts.source, note)
     stage_dir = storage.join(args.out, "generate")
     log.info("generating %d prompt(s) into %s", len(prompts.rows), stage_dir)
     s = generate(cfg, prompts, stage_dir, round_index=args.round, overwrite=args.overwrite)
-    preview = write_contact_sheet(read_stage(stage_dir, ["image"]), storage.join(args.out, "preview.png"))
+    preview = write_contact_sheet(stage_dir, storage.join(args.out, "preview.png"))
     print(
         f"generate: {s['rows']} rows, {s['images']} images, {s['errors']} errors, {s['warnings']} warnings,"
         f" {s['skipped_blank_prompts']} blank prompts skipped, {s['seconds']:.1f} s"
@@ -175,10 +174,10 @@ def cmd_evaluate(args) -> int:
 
     cfg = load(args)
     if args.prompts:
-        prompts = read_prompts(args.prompts)
+        prompts = read_prompts(args.prompts, settings=cfg.generate)
     else:
         with resources.as_file(resources.files("artaug.presets") / "eval_prompts.txt") as path:
-            prompts = read_prompts(str(path))
+            prompts = read_prompts(str(path), settings=cfg.generate)
     enhanced = model_of_round(cfg.model, args.lora)
     evaluate(cfg, prompts, args.out, base=cfg.model, enhanced=enhanced, overwrite=args.overwrite)
     print(storage.read_bytes(storage.join(args.out, "report.txt")).decode(), end="")

@@ -67,6 +67,17 @@ def _not_blank(value: str) -> str:
     return value
 
 
+# A name that becomes one folder name (the run folder, Ray Train's run folder): no separators, no
+# "." or "..", nothing a shell or an object store treats specially.
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _folder_name(value: str) -> str:
+    if not _FOLDER_NAME.match(value):
+        raise Invalid("must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit", value)
+    return value
+
+
 def _http(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise Invalid("must start with http:// or https://", value)
@@ -127,6 +138,7 @@ Gpus = Annotated[Float, AfterValidator(_auto_or_nonnegative)]
 StrictChoice = BeforeValidator(_integer)  # Annotated[Literal[1, 2], StrictChoice]
 
 Name = Annotated[Text, AfterValidator(_not_blank)]
+FolderName = Annotated[Text, AfterValidator(_folder_name)]
 NonEmptyTexts = Annotated[Texts, Field(min_length=1)]
 Url = Annotated[Text, AfterValidator(_http)]
 OptionalUrl = Annotated[Text, AfterValidator(_empty_or_http)]

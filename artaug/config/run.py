@@ -6,7 +6,7 @@ import typing
 from dataclasses import field
 from typing import Literal
 
-from artaug.config.base import Text, section
+from artaug.config.base import FolderName, Text, section
 from artaug.config.sections import (
     EnhanceConfig,
     GenerateConfig,
@@ -31,8 +31,8 @@ PRESETS: tuple[str, ...] = typing.get_args(Preset)
 
 @section
 class RunConfig:
-    name: Text = "artaug"
-    """Run name, used in log lines and the default output folder."""
+    name: FolderName = "artaug"
+    """Run name, used in log lines and as a folder name: letters, digits, '.', '_', '-'."""
     preset: Preset = "tiny"
     """Preset these values started from (informational once resolved)."""
     output_root: Text = "runs"

@@ -109,6 +109,10 @@ class GenerateConfig:
     """Base seed: a prompt without its own seed gets base seed + its line index."""
     max_side: Annotated[Int, Field(ge=16)] = 256
     """Largest width or height accepted, in pixels."""
+    max_steps: Annotated[Int, Field(ge=1, le=10_000)] = 200
+    """Most denoising steps a prompt file's row (or `steps`) may ask for."""
+    max_guidance: Annotated[Float, Field(ge=0, le=1000)] = 100.0
+    """Largest guidance a prompt file's row (or `guidance`) may ask for."""
     batch_size: Count = 4
     """Prompts per generation call within one actor (rows with equal settings are batched)."""
     num_actors: Count = 2
@@ -124,6 +128,10 @@ class GenerateConfig:
             value = getattr(self, name)
             if value > self.max_side:
                 raise Invalid(f"is above generate.max_side ({self.max_side})", value, name)
+        if self.steps > self.max_steps:
+            raise Invalid(f"is above generate.max_steps ({self.max_steps})", self.steps, "steps")
+        if not self.guidance <= self.max_guidance:  # also refuses NaN and infinity
+            raise Invalid(f"is above generate.max_guidance ({self.max_guidance})", self.guidance, "guidance")
         return self
 
 

@@ -86,20 +86,25 @@ def reopen(run_dir: str) -> tuple[RunConfig, Manifest]:
 
 
 def train_prompts(cfg: RunConfig) -> PromptSet:
-    return _prompts(cfg.prompts, "prompts.txt", cfg.loop.max_prompts)
+    return _prompts(cfg, cfg.prompts, "prompts.txt", cfg.loop.max_prompts)
 
 
 def eval_prompts(cfg: RunConfig) -> PromptSet:
-    return _prompts(cfg.loop.eval_prompts, "eval_prompts.txt", cfg.loop.eval_max_prompts)
+    return _prompts(cfg, cfg.loop.eval_prompts, "eval_prompts.txt", cfg.loop.eval_max_prompts)
 
 
-def _prompts(path: str, shipped: str, limit: int) -> PromptSet:
+def check_prompts(cfg: RunConfig) -> None:
+    """Read the run's prompt files now (bounded), so a bad one is refused before anything is written."""
+    train_prompts(cfg)
+    if cfg.loop.evaluate:
+        eval_prompts(cfg)
+
+
+def _prompts(cfg: RunConfig, path: str, shipped: str, limit: int) -> PromptSet:
     if path:
-        prompts = read_prompts(path)
-    else:
-        with resources.as_file(resources.files("artaug.presets") / shipped) as local:
-            prompts = read_prompts(str(local))
-    return prompts.first(limit) if limit else prompts
+        return read_prompts(path, limit, cfg.generate)
+    with resources.as_file(resources.files("artaug.presets") / shipped) as local:
+        return read_prompts(str(local), limit, cfg.generate)
 
 
 class Loop:
