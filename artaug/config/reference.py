@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import textwrap
+from importlib import resources
 
 from artaug.config.loading import RENAMED
 from artaug.config.run import RunConfig
@@ -74,4 +75,16 @@ def reference_markdown() -> str:
         "|---|---|",
     ]
     lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED.items()]
+    lines += [
+        "",
+        "## The flux-dev preset",
+        "",
+        "What `--preset flux-dev` changes, as shipped (artaug/presets/flux-dev.yaml). Each value taken",
+        "from the paper (arXiv 2412.12888) or the authors' code (DiffSynth-Studio) cites its source in a",
+        "comment; docs/method.md tabulates them with the differences.",
+        "",
+        "```yaml",
+        resources.files("artaug.presets").joinpath("flux-dev.yaml").read_text().rstrip("\n"),
+        "```",
+    ]
     return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ class RunConfig:
     output_root: Text = "runs"
     """Where `artaug run` creates run directories (local path, s3:// or gs://)."""
     prompts: Text = ""
-    """Prompt file for `artaug run`; empty uses the prompts shipped with the package."""
+    """Prompt file for `artaug run`; empty uses the prompts shipped with the package (loop.prompt_set)."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster settings."""
     hub: HubConfig = field(default_factory=HubConfig)

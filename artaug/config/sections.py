@@ -141,14 +141,16 @@ class EnhanceConfig:
     """How suggestions become an enhanced image: "regional", "img2img" or "photometric"."""
     mask_scale: PositiveFloat = 1.0
     """s_i: weight of each regional prediction under its mask (regional mode)."""
+    mask_coverage: Literal["fraction", "binary"] = "fraction"
+    """Mask before the blur: "fraction" (of each token covered) or "binary" (edges snapped to tokens)."""
     blur_kernel: OddSize = 3
     """Gaussian blur kernel of region masks, in latent tokens of 16x16 pixels; 1 means no blur."""
     blur_sigma: NonNegativeFloat = 1.0
     """Gaussian blur sigma of region masks, in latent tokens."""
     max_regions: NonNegativeInt = 4
     """Regions used per image at most (each costs one more transformer evaluation per step)."""
-    use_rewritten_prompt: Bool = False
-    """Use the critic's rewritten prompt as the global prompt when it gives one (else the original)."""
+    global_prompt: Literal["original", "rewritten", "folded"] = "original"
+    """Global prompt: "original", "rewritten" (the critic's, if any) or "folded" (original + adjustments)."""
     img2img_strength: Annotated[Float, Field(gt=0, le=1)] = 0.6
     """How far img2img departs from the original image (0 keeps it, 1 ignores it)."""
     photometric_step: PositiveFloat = 0.08

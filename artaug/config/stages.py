@@ -204,8 +204,8 @@ class TrainConfig:
     """LoRA rank."""
     alpha: PositiveFloat = 8.0  # != rank on purpose: the saved LoRA must carry alpha to reproduce training
     """LoRA alpha: the update is scaled by alpha / rank (saved with the LoRA so loaders apply it)."""
-    # Every linear layer of the tiny transformer, so a few steps show a clear loss drop; FLUX.1-dev
-    # trains the attention projections only (the first eight).
+    # The attention, feed-forward and single-block projections of the tiny transformer, so a few steps
+    # show a clear loss drop; flux-dev adds the modulation layers, as the authors' trainer does.
     target_modules: NonEmptyTexts = field(
         default_factory=lambda: [
             "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -268,8 +268,12 @@ class TrainConfig:
 class LoopConfig:
     rounds: Count = 2
     """ArtAug rounds: each trains a LoRA on its filtered pairs, fused into the model of the next round."""
+    prompt_set: Literal["demo", "train"] = "demo"
+    """Shipped prompts used when `prompts` is empty: "demo" (16) or "train" (500, train_prompts.txt)."""
     max_prompts: NonNegativeInt = 8
     """Use only the first N prompts of the prompt file in each round (0: all of them)."""
+    new_prompts_each_round: Bool = False
+    """With max_prompts N: round k trains on prompts (k-1)N+1..kN of the file, wrapping around at its end."""
     min_acceptance_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0
     """Stop before training a round whose filter accepted a smaller share of its pairs."""
     min_aesthetic_gain: Float = -1000.0

@@ -85,8 +85,21 @@ def reopen(run_dir: str) -> tuple[RunConfig, Manifest]:
     return cfg, manifest
 
 
-def train_prompts(cfg: RunConfig) -> PromptSet:
-    return _prompts(cfg, cfg.prompts, "prompts.txt", cfg.loop.max_prompts)
+# The prompt sets shipped with artaug (`loop.prompt_set`), used when `prompts` is empty.
+SHIPPED_PROMPTS = {"demo": "prompts.txt", "train": "train_prompts.txt"}
+
+
+def train_prompts(cfg: RunConfig, round_index: int = 1) -> PromptSet:
+    """Round k's prompts: the first `loop.max_prompts`, or with `loop.new_prompts_each_round` the k-th
+    run of `max_prompts` prompts of the file (wrapping around when the file runs out)."""
+    limit, shipped = cfg.loop.max_prompts, SHIPPED_PROMPTS[cfg.loop.prompt_set]
+    if not (limit and cfg.loop.new_prompts_each_round):
+        return _prompts(cfg, cfg.prompts, shipped, limit)
+    read = _prompts(cfg, cfg.prompts, shipped, limit * round_index)  # reading stops after round k's
+    if not read.rows:
+        return read
+    start = (round_index - 1) * limit % len(read.rows)
+    return dataclasses.replace(read, rows=(read.rows[start:] + read.rows[:start])[:limit])
 
 
 def eval_prompts(cfg: RunConfig) -> PromptSet:
@@ -95,7 +108,7 @@ def eval_prompts(cfg: RunConfig) -> PromptSet:
 
 def check_prompts(cfg: RunConfig) -> None:
     """Read the run's prompt files now (bounded), so a bad one is refused before anything is written."""
-    train_prompts(cfg)
+    train_prompts(cfg, cfg.loop.rounds)  # the last round reads the most
     if cfg.loop.evaluate:
         eval_prompts(cfg)
 
@@ -141,11 +154,10 @@ class Loop:
     # ------------------------------------------------------------------ rounds
 
     def _rounds(self) -> list[str]:
-        prompts = train_prompts(self.cfg)
         loras: list[str] = []
         for k in range(1, self.cfg.loop.rounds + 1):
             with log_context(round=k):
-                lora = self._round(k, prompts, loras)
+                lora = self._round(k, train_prompts(self.cfg, k), loras)
             if lora is None:
                 break
             loras.append(lora)

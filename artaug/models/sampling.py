@@ -7,14 +7,20 @@ batched transformer forward and composes the velocity predictions under the regi
 
     v = (v(P) + sum_i s_i * M_i * v(P_i)) / (1 + sum_i s_i * M_i)
 
-M_i is the region's box, Gaussian-blurred on FLUX's packed latent token grid (one token per 16x16
-pixels), s_i the mask scale. Cost: 1 + R transformer evaluations per step for an image with R regions.
+M_i is the region's box on FLUX's packed latent token grid (one token per 16x16 pixels), either as
+the fraction of each token's cell the box covers or binarised, then Gaussian-blurred; s_i is the mask
+scale. Cost: 1 + R transformer evaluations per step for an image with R regions.
+
+The authors' regional code (DiffSynth-Studio, diffsynth/pipelines/base.py `merge_latents`, commit
+32a7a1487df8c1aac81729711f5256fbba0582ce) composes with the same formula; it binarises the mask and
+blurs it on the unpacked 1/8 latent grid, see docs/method.md for every difference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 TOKEN_PIXELS = 16  # the VAE's 8x downsampling, then FLUX packs 2x2 latent patches into one token
+Coverage = Literal["fraction", "binary"]
 
 
 class Cancelled(RuntimeError):
@@ -47,12 +54,21 @@ class Job:
     regions: list[Region] = field(default_factory=list)
 
 
-def region_mask(box, width: int, height: int, blur_kernel: int = 5, blur_sigma: float = 1.0) -> torch.Tensor:
+def region_mask(
+    box,
+    width: int,
+    height: int,
+    blur_kernel: int = 5,
+    blur_sigma: float = 1.0,
+    coverage: Coverage = "fraction",
+) -> torch.Tensor:
     """The box as a (tokens,) mask in [0, 1] on the packed token grid, row-major like FLUX's packing.
 
-    Each token gets the fraction of its 16x16 cell that the box covers, then a Gaussian blur (in
-    tokens; kernel 1 or sigma 0 means none) softens the edges. Edge cells are padded by replication
-    so a box touching the border stays at full strength there.
+    coverage "fraction": each token gets the fraction of its 16x16 cell that the box covers;
+    "binary": 1 inside the box with its edges snapped to the nearest token edge (a token is in when
+    the box covers at least half of it along each axis; at least the token holding the box's centre).
+    Then a Gaussian blur (in tokens; kernel 1 or sigma 0 means none) softens the edges. Edge cells are
+    padded by replication so a box touching the border stays at full strength there.
     """
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
@@ -60,9 +76,10 @@ def region_mask(box, width: int, height: int, blur_kernel: int = 5, blur_sigma: 
             f"region box {list(box)} is empty or outside the image (need 0<=x0<x1<=1, 0<=y0<y1<=1)"
         )
     rows, cols = height // TOKEN_PIXELS, width // TOKEN_PIXELS
-    ys, xs = np.arange(rows + 1) / rows, np.arange(cols + 1) / cols
-    cover_y = np.clip(np.minimum(ys[1:], y1) - np.maximum(ys[:-1], y0), 0, None) * rows
-    cover_x = np.clip(np.minimum(xs[1:], x1) - np.maximum(xs[:-1], x0), 0, None) * cols
+    if coverage == "binary":
+        cover_y, cover_x = _snapped(y0, y1, rows), _snapped(x0, x1, cols)
+    else:
+        cover_y, cover_x = _covered(y0, y1, rows), _covered(x0, x1, cols)
     mask = torch.from_numpy(np.outer(cover_y, cover_x)).float()[None, None]
     if blur_kernel > 1 and blur_sigma > 0:
         offsets = torch.arange(blur_kernel, dtype=torch.float32) - (blur_kernel - 1) / 2
@@ -73,6 +90,23 @@ def region_mask(box, width: int, height: int, blur_kernel: int = 5, blur_sigma: 
         mask = F.conv2d(mask, weights.view(1, 1, 1, -1))
         mask = F.conv2d(mask, weights.view(1, 1, -1, 1))
     return mask.clamp(0, 1).flatten()
+
+
+def _covered(lo: float, hi: float, cells: int) -> np.ndarray:
+    """Per cell along one axis: the fraction of it that [lo, hi] covers."""
+    edges = np.arange(cells + 1) / cells
+    return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None) * cells
+
+
+def _snapped(lo: float, hi: float, cells: int) -> np.ndarray:
+    """Per cell along one axis: 1 between [lo, hi]'s edges rounded to the nearest cell edge, else 0."""
+    start, end = int(np.floor(lo * cells + 0.5)), int(np.floor(hi * cells + 0.5))
+    if end <= start:  # a box thinner than half a cell keeps the cell holding its centre
+        start = min(int((lo + hi) / 2 * cells), cells - 1)
+        end = start + 1
+    out = np.zeros(cells)
+    out[start:end] = 1.0
+    return out
 
 
 def compose(global_v: torch.Tensor, region_v: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor):
@@ -97,6 +131,7 @@ def sample(
     max_sequence_length: int = 512,
     blur_kernel: int = 5,
     blur_sigma: float = 1.0,
+    coverage: Coverage = "fraction",
     should_stop: Callable[[], bool] | None = None,
 ):
     """Images (PIL) for jobs that share size, steps and guidance; one generator per job."""
@@ -114,7 +149,9 @@ def sample(
     owners = torch.tensor([i for i, _ in regions], dtype=torch.long, device=device)
     masks = torch.zeros(len(regions), latents.shape[1], device=device)
     for n, (_, region) in enumerate(regions):
-        masks[n] = region.scale * region_mask(region.box, width, height, blur_kernel, blur_sigma).to(device)
+        masks[n] = region.scale * region_mask(
+            region.box, width, height, blur_kernel, blur_sigma, coverage
+        ).to(device)
     sigmas = np.linspace(1.0, 1 / steps, steps)
     config = pipe.scheduler.config
     mu = calculate_shift(

@@ -80,8 +80,7 @@ class Enhancer:
         if critique is None:
             return self._unchanged(pair)
         critique = json.loads(critique)
-        if self.settings.use_rewritten_prompt and critique["rewritten_prompt"].strip():
-            pair["enhance_prompt"] = critique["rewritten_prompt"].strip()
+        pair["enhance_prompt"] = global_prompt(row["prompt"], critique, self.settings.global_prompt)
         if self.settings.mode == "photometric":
             return self._photometric(pair, critique)
         if self.settings.mode == "regional":
@@ -120,7 +119,8 @@ class Enhancer:
             images = sample(
                 self.pipe, jobs, steps=first["steps"], guidance=first["guidance"],
                 max_sequence_length=self.cfg.model.max_sequence_length,
-                blur_kernel=self.settings.blur_kernel, blur_sigma=self.settings.blur_sigma, **size,
+                blur_kernel=self.settings.blur_kernel, blur_sigma=self.settings.blur_sigma,
+                coverage=self.settings.mask_coverage, **size,
             )  # fmt: skip
         else:
             images = self.img2img(
@@ -135,6 +135,27 @@ class Enhancer:
             ).images
         share = (time.perf_counter() - start) / len(pairs)
         return [{**p, "after": png_bytes(im), "seconds": share} for p, im in zip(pairs, images, strict=True)]
+
+
+def global_prompt(prompt: str, critique: dict, choice: str) -> str:
+    """The global prompt P of the enhancement job for `enhance.global_prompt`.
+
+    - "original": the prompt the image was generated with; the critique's global adjustments are
+      left out (regional mode then changes only what its regions ask for);
+    - "rewritten": the critic's rewritten prompt when it gives one, else the original;
+    - "folded": the original prompt followed by each global adjustment as text (its note, or
+      "increase exposure" when the note is empty), so exposure, camera angle or atmosphere reach
+      the whole image while the prompt's own words stay first (CLIP reads only 77 tokens).
+    """
+    if choice == "rewritten":
+        return critique["rewritten_prompt"].strip() or prompt
+    if choice == "folded":
+        notes = [
+            a["note"].strip() or f"{a['direction']} {a['aspect'].replace('_', ' ')}"
+            for a in critique["adjustments"]
+        ]
+        return ", ".join([prompt.rstrip(" ,."), *notes]) if notes else prompt
+    return prompt
 
 
 def load_critiques(critique_dir: str) -> dict[str, str | None]:
