@@ -1,8 +1,13 @@
 """Charts as small SVG documents (no plotting library, a few kilobytes each): the report's histograms,
-loss curves and bars, and the evaluation's intervals and win rates. The one chart engine."""
+loss curves and bars, and the evaluation's intervals and win rates. The one chart engine.
+
+A NaN or infinite value is never drawn (it has no place on an axis): histograms and curves leave it
+out and count it in the legend as "n/a", intervals show "no data", bars and win shares draw 0.
+"""
 
 from __future__ import annotations
 
+import math
 from html import escape
 
 WIDTH, HEIGHT, PAD = 360, 180, 32
@@ -35,8 +40,19 @@ def _axes(x_low: float, x_high: float, y_low: float, y_high: float) -> str:
     )
 
 
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _legend(name: str, values: list, kept: list) -> str:
+    return name if len(kept) == len(values) else f"{name} ({len(values) - len(kept)} n/a)"
+
+
 def histogram(title: str, series: dict[str, list[float]], bins: int = 12) -> str:
     """Overlaid histograms of several series on shared bins."""
+    series = {
+        _legend(name, vs, ks): ks for name, vs in series.items() for ks in [[v for v in vs if _finite(v)]]
+    }
     values = [v for vs in series.values() for v in vs]
     if not values:
         return _frame(title, '<text x="40" y="90" font-size="12">no data</text>', [])
@@ -61,6 +77,11 @@ def histogram(title: str, series: dict[str, list[float]], bins: int = 12) -> str
 
 def lines(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
     """One polyline per series of (x, y) points."""
+    series = {
+        _legend(name, ps, ks): ks
+        for name, ps in series.items()
+        for ks in [[p for p in ps if _finite(p[0]) and _finite(p[1])]]
+    }
     points = [p for ps in series.values() for p in ps]
     if not points:
         return _frame(title, '<text x="40" y="90" font-size="12">no data</text>', [])
@@ -77,7 +98,8 @@ def lines(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
 
 
 def bars(title: str, counts: dict[str, float]) -> str:
-    """Horizontal bars, one per label."""
+    """Horizontal bars, one per label (a non-finite count is drawn as 0)."""
+    counts = {label: v if _finite(v) else 0 for label, v in counts.items()}
     top = max(counts.values(), default=0) or 1
     x = _scale(0, top, 120, WIDTH - 40)
     step = (HEIGHT - 30) / max(len(counts), 1)
@@ -107,6 +129,10 @@ def intervals(
     size = group or len(items) or 1
     body = [f'<text x="8" y="16" font-size="13">{escape(title)}</text>',
             f'<text x="8" y="32" font-size="11" fill="#555">{escape(note)}</text>']  # fmt: skip
+    items = [
+        (label, series, value if _finite(value) else None, ci if ci and all(map(_finite, ci)) else None)
+        for label, series, value, ci in items
+    ]
     for first in range(0, len(items), size):
         block = items[first : first + size]
         points = [v for _, _, value, ci in block for v in ([value] + (ci or [])) if v is not None]
@@ -143,7 +169,8 @@ def win_rates(title: str, rates: dict, note: str) -> str:
             f'{rates.get("missing", 0)}</text>']  # fmt: skip
     x = left
     for name in ("win", "tie", "loss"):
-        share = rates.get(f"{name}_rate") or 0.0
+        share = rates.get(f"{name}_rate")
+        share = share if _finite(share) else 0.0
         width = share * (right - left)
         body.append(f'<rect x="{x:.1f}" y="{y}" width="{width:.1f}" height="22" fill="{SERIES[name]}"/>')
         if share >= 0.08:

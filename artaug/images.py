@@ -41,6 +41,8 @@ def decode_image(data: bytes | None) -> Image.Image:
         image = image.convert("RGB")
     except BadImageError:
         raise
+    except Image.DecompressionBombError:  # PIL's own check, in open(), at twice MAX_PIXELS
+        raise BadImageError(f"image is larger than {MAX_PIXELS} pixels (a decompression bomb?)") from None
     except Exception as err:  # noqa: BLE001 - decoders raise many types (DecompressionBombError, SyntaxError...)
         raise BadImageError(f"corrupt image: {type(err).__name__}: {err}"[:300]) from None
     if min(image.size) < 1:

@@ -108,7 +108,7 @@ def _json_record(line: str, path: str, number: int) -> dict:
     try:
         record = json.loads(line)
     except (ValueError, RecursionError) as err:  # also numbers of over 4300 digits, deep nesting
-        why = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+        why = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(";")[0][:120]
         raise PromptFileError(f"{path}: line {number} is not valid JSON: {why}") from None
     if not isinstance(record, dict):
         raise PromptFileError(f"{path}: line {number} must be a JSON object with a 'prompt'")

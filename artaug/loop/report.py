@@ -2,7 +2,10 @@
 
 Per round: before/after thumbnails with the critique and the enhanced regions drawn, score
 distributions and acceptance counts, the training loss curves; then stage timings and the final
-evaluation table. Thumbnails only (loop.thumbnail_side), so the report stays small.
+evaluation table. Thumbnails only (loop.thumbnail_side), so the report stays small; the scores of
+every row are read without images, and only the shown pairs' images are streamed in. Thumbnail
+file names are made from the round and position, never from a prompt_id; a missing, undecodable
+or oversized image shows as "(no image)", and a NaN or infinite number as "n/a".
 
     artaug report runs/artaug-20261126-120000
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from html import escape
 
@@ -20,6 +24,7 @@ from artaug import charts, storage
 from artaug.config import load_config
 from artaug.layout import RunLayout
 from artaug.loop.manifest import Manifest
+from artaug.preview import stream_rows, thumbnail
 from artaug.stages.contract import read_stage
 
 STYLE = """
@@ -47,9 +52,16 @@ def summary_table(manifest: dict) -> str:
         )
         lines.append(
             f"{k:>5}  {stages.get('generate', {}).get('rows') or 0:>5}  {filt.get('accepted', 0):>8}"
-            f"  {'-' if gain is None else f'{gain:+.4f}':>9}  {seconds:>8.1f}  {status}"
+            f"  {number(gain, '+.4f'):>9}  {seconds:>8.1f}  {status}"
         )
     return "\n".join(lines) + "\n"
+
+
+def number(value, spec: str) -> str:
+    """`value` formatted, or "n/a" when it is missing, NaN or infinite."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "n/a"
+    return format(value, spec)
 
 
 def _round_status(stages: dict) -> str:
@@ -99,17 +111,16 @@ class _Page:
     def add(self, html: str) -> None:
         self.parts.append(html)
 
-    def thumbnail(self, png: bytes | None, name: str, boxes: list | None = None) -> str:
+    def thumbnail(self, png: bytes | None, name: str, alt: str, boxes: list | None = None) -> str:
         """Write a thumbnail (regions drawn as boxes) under img/; returns its <img> tag."""
-        if not png:
+        image = thumbnail(png, self.side)
+        if image is None:
             return '<span class="missing">(no image)</span>'
-        image = Image.open(io.BytesIO(png)).convert("RGB")
-        image.thumbnail((self.side, self.side))
         draw = ImageDraw.Draw(image)
         for box in boxes or []:
             x0, y0, x1, y1 = (v * s for v, s in zip(box, (*image.size, *image.size), strict=True))
             draw.rectangle((x0, y0, x1, y1), outline=(255, 64, 64), width=2)
-        return self.image(_png(image), name, f"{name}")
+        return self.image(_png(image), name, alt)
 
     def image(self, data: bytes, name: str, alt: str) -> str:
         storage.write_bytes(storage.join(self.out, "img", name), data)
@@ -134,7 +145,7 @@ def _round_section(page: _Page, layout: RunLayout, k: int, cfg) -> None:
         page.add("<p>(the filter stage has not completed: no pairs to show)</p>")
         return
     summary = storage.read_summary(filt)
-    rows = read_stage(filt).to_pylist()
+    rows = read_stage(filt, exclude=("before", "after")).to_pylist()
     critiques = {}
     if storage.is_complete(d.stage("critique")):
         columns = ["prompt_id", "status", "critique", "error"]
@@ -162,24 +173,46 @@ def _round_section(page: _Page, layout: RunLayout, k: int, cfg) -> None:
         charts.lines("training loss", _loss_curves(d.train.metrics)),
     ]
     page.add(f'<div class="charts">{"".join(drawn)}</div>')
+    shown = {row["prompt_id"]: (i, row) for i, row in enumerate(rows[: cfg.loop.report_pairs])}
+    tags = {}
+    for images in stream_rows(filt, ["before", "after"], set(shown)):  # a few images at a time
+        i, row = shown[images["prompt_id"]]
+        boxes = [r["box"] for r in _regions(row)]
+        tags[i] = (
+            page.thumbnail(
+                images.get("before"), f"r{k}-{i:04d}-before.png", f"{row['prompt_id']} before", boxes
+            ),
+            page.thumbnail(images.get("after"), f"r{k}-{i:04d}-after.png", f"{row['prompt_id']} after"),
+        )
     cells = []
-    for row in rows[: cfg.loop.report_pairs]:
+    for i, row in shown.values():
         pid = row["prompt_id"]
-        regions = json.loads(row.get("regions") or "[]")
         crit = critiques.get(pid, {})
         text = crit.get("critique") or crit.get("error") or crit.get("status") or ""
-        before = page.thumbnail(row["before"], f"r{k}-{pid}-before.png", [r["box"] for r in regions])
-        after = page.thumbnail(row["after"], f"r{k}-{pid}-after.png")
-        delta = row.get("aesthetic_delta")
+        before, after = tags.get(i, ('<span class="missing">(no image)</span>',) * 2)
         verdict = "kept" if row["accepted"] else "dropped: " + ", ".join(row["reject_reasons"])
-        gain = "-" if delta is None else f"{delta:+.4f}"
         cells.append(
             f'<div class="pair {"kept" if row["accepted"] else "dropped"}">{before}{after}'
             f"<div><b>{escape(pid)}</b> {escape(row['prompt'][:120])}</div>"
-            f"<div>{escape(verdict)}; gain {gain}; {len(regions)} region(s)</div>"
+            f"<div>{escape(verdict)}; gain {number(row.get('aesthetic_delta'), '+.4f')};"
+            f" {len(_regions(row))} region(s)</div>"
             f'<div class="critique">{escape(_readable_critique(text))}</div></div>'
         )
     page.add(f'<div class="pairs">{"".join(cells)}</div>')
+
+
+def _regions(row: dict) -> list[dict]:
+    try:
+        regions = json.loads(row.get("regions") or "[]")
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(regions, list):
+        return []
+    return [r for r in regions if isinstance(r, dict) and _drawable(r.get("box"))]
+
+
+def _drawable(box) -> bool:
+    return isinstance(box, list) and len(box) == 4 and "n/a" not in [number(v, "g") for v in box]
 
 
 def _readable_critique(text: str) -> str:
@@ -198,9 +231,13 @@ def _loss_curves(path: str) -> dict[str, list[tuple[float, float]]]:
     if not storage.exists(path):
         return {}
     curves: dict[str, list[tuple[float, float]]] = {}
-    for line in storage.read_bytes(path).decode().splitlines():
-        entry = json.loads(line)
-        curves.setdefault(f"{entry['phase']} images", []).append((entry["step"], entry["loss"]))
+    for line in storage.read_bytes(path).decode(errors="replace").splitlines():
+        try:  # a run killed mid-write leaves a cut last line
+            entry = json.loads(line)
+            point = (float(entry["step"]), float(entry["loss"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+        curves.setdefault(f"{entry.get('phase')} images", []).append(point)
     return curves
 
 

@@ -14,7 +14,6 @@ A row whose critique failed, or that gives nothing this mode can use, becomes a 
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
@@ -23,12 +22,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from diffusers import FluxImg2ImgPipeline
-from PIL import Image
 
 from artaug import storage
 from artaug.config import RunConfig
 from artaug.errors import ArtaugError
-from artaug.images import png_bytes
+from artaug.images import BadImageError, decode_image, png_bytes
 from artaug.models.sampling import Job, Region, sample
 from artaug.models.synthesis import check_source, load_pipeline
 from artaug.photometric import apply_adjustments
@@ -101,7 +99,10 @@ class Enhancer:
 
     def _photometric(self, pair: dict, critique: dict) -> dict:
         start = time.perf_counter()
-        image = Image.open(io.BytesIO(pair["before"])).convert("RGB")
+        try:
+            image = decode_image(pair["before"])
+        except BadImageError as err:
+            return {**pair, "error": f"bad image: {err}"}
         after, applied = apply_adjustments(image, critique["adjustments"], self.settings.photometric_step)
         if not applied:
             return self._unchanged(pair)
@@ -125,7 +126,7 @@ class Enhancer:
         else:
             images = self.img2img(
                 prompt=[p["enhance_prompt"] for p in pairs],
-                image=[Image.open(io.BytesIO(p["before"])).convert("RGB") for p in pairs],
+                image=[decode_image(p["before"]) for p in pairs],  # a bad one fails only its row
                 strength=self.settings.img2img_strength,
                 num_inference_steps=first["steps"],
                 guidance_scale=first["guidance"],
