@@ -4,6 +4,7 @@ The one owner of these names; the loop, the report, `artaug serve`, the CLI and 
 
 RUN_DIR/
   run.yaml, manifest.json        resolved config; status, counts, seconds and metrics per stage
+  .artaug-lock (+ .artaug-lock.owner)   the one writer's lock (artaug.runlock)
   round-K/{generate,critique,enhance,filter}/   Parquet + _SUCCESS
   round-K/train/                 a training output folder (below): round K's LoRA
   round-K/register/_SUCCESS      the LoRAs the next round fuses, checked
@@ -88,6 +89,11 @@ class RunLayout:
     @property
     def manifest(self) -> str:
         return storage.join(self.root, "manifest.json")
+
+    @property
+    def lock(self) -> str:
+        """The one-writer lock (`artaug.runlock`): a lock file, a lease file or a lease object."""
+        return storage.join(self.root, ".artaug-lock")
 
     def round(self, k: int) -> RoundLayout:
         return RoundLayout(storage.join(self.root, f"round-{k}"))

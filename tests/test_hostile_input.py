@@ -77,6 +77,15 @@ def test_limit_applies_to_jsonl_csv_and_parquet_while_reading(tmp_path):
     refused(tmp_path / "p.parquet", r"row 1000: seed -5 is out of range \[0, ")
 
 
+def test_limit_and_checks_on_object_storage(s3_bucket):
+    uri = f"{s3_bucket}/hostile/p.jsonl"
+    storage.write_bytes(uri, b'{"prompt": "a fox"}\n' * 100_000 + b'{"prompt": "x", "steps": 1e999}\n')
+    assert len(read_prompts(uri, limit=8).rows) == 8
+    storage.write_bytes(uri, b'{"prompt": "a fox"}\n{"prompt": "x", "steps": 1e999}\n')
+    refused(uri, "line 2: steps inf is not a finite number")
+    refused(f"{s3_bucket}/hostile/none.txt", "prompt file not found")
+
+
 # ---------------------------------------------------------------- prompt files: hostile rows
 
 

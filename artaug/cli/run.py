@@ -27,6 +27,7 @@ def cmd_run(args) -> int:
     from artaug.layout import RunLayout
     from artaug.loop.report import summary_table
     from artaug.loop.runner import Loop, check_prompts, reopen, start
+    from artaug.runlock import hold
 
     if args.resume:
         if args.config or args.preset or args.overrides or args.out:
@@ -34,16 +35,17 @@ def cmd_run(args) -> int:
                 "--resume takes the run directory's own run.yaml: drop --config/--preset/--set/--out"
             )
         run_dir = storage.absolute(args.resume)
-        cfg, manifest = reopen(run_dir)
+        cfg, _ = reopen(run_dir)  # checked before the lock is taken; read again while held
         check_prompts(cfg)
     else:
         cfg = load(args)
         check_prompts(cfg)  # before the run directory is created
         run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir = storage.absolute(run_dir)  # Ray's workers run in other working directories
-        manifest = start(cfg, run_dir)
-    print(f"run directory: {run_dir}")
-    data = Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))
+    with hold(run_dir, cfg.ray.shared_filesystem):  # one writer per run directory
+        manifest = reopen(run_dir)[1] if args.resume else start(cfg, run_dir)
+        print(f"run directory: {run_dir}")
+        data = Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))
     print(summary_table(data), end="")
     layout = RunLayout(run_dir)
     if data.get("stopped_early"):

@@ -1,8 +1,10 @@
 """One stage at a time, each into its own output folder: generate, critique, enhance, filter, train,
-evaluate. Every command writes the resolved config beside its output (OUT/run.yaml)."""
+evaluate. Every command writes the resolved config beside its output (OUT/run.yaml), except inside a
+run directory of `artaug run`: there it holds the run's lock and leaves the run's run.yaml alone."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from importlib import resources
 
@@ -68,13 +70,39 @@ def add_evaluate(commands) -> None:
     ev.set_defaults(func=cmd_evaluate)
 
 
+def _into_run(stage_is_out: bool = False):
+    """A command writing into a run directory holds the run's lock while it runs (one writer per
+    run); `stage_is_out`: its stage writes OUT itself, which must then not be the run's root."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(args) -> int:
+            from artaug.runlock import writing_into
+
+            with writing_into(args.out, stage_is_out):
+                return fn(args)
+
+        return run
+
+    return wrap
+
+
 def _write_config(cfg, out: str) -> None:
+    """OUT/run.yaml, except inside a run directory (the run's own run.yaml stays its truth) or where
+    OUT holds a completed stage (its marker covers the run.yaml written with it)."""
     from artaug import storage
     from artaug.config import to_yaml
+    from artaug.runlock import find_run_dir
 
+    run_dir = find_run_dir(out)
+    if run_dir is not None or storage.is_complete(out):
+        why = f"inside the run directory {run_dir}" if run_dir else "a completed stage"
+        log.info("%s: run.yaml left as it is (%s)", out, why)
+        return
     storage.write_text(storage.join(out, "run.yaml"), to_yaml(cfg))
 
 
+@_into_run()
 def cmd_generate(args) -> int:
     from artaug import storage
     from artaug.preview import write_contact_sheet
@@ -98,6 +126,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
+@_into_run()
 def cmd_critique(args) -> int:
     from artaug import storage
     from artaug.stages.critique import critique
@@ -114,6 +143,7 @@ def cmd_critique(args) -> int:
     return 0
 
 
+@_into_run()
 def cmd_enhance(args) -> int:
     from artaug import storage
     from artaug.stages.enhance import enhance
@@ -130,6 +160,7 @@ def cmd_enhance(args) -> int:
     return 0
 
 
+@_into_run()
 def cmd_filter(args) -> int:
     from artaug import storage
     from artaug.stages.filter import filter_pairs
@@ -146,6 +177,7 @@ def cmd_filter(args) -> int:
     return 0
 
 
+@_into_run(stage_is_out=True)
 def cmd_train(args) -> int:
     from artaug import storage
     from artaug.stages.train import train
@@ -166,6 +198,7 @@ def cmd_train(args) -> int:
     return 0
 
 
+@_into_run(stage_is_out=True)
 def cmd_evaluate(args) -> int:
     from artaug import storage
     from artaug.models.synthesis import model_of_round

@@ -2,7 +2,8 @@
 
 It records per round and stage the status, row counts, errors, seconds and metrics, and for the run
 the artaug version, package versions, model ids and revisions, the config hash and host facts. It is
-rewritten whole after every change (one object write, never a partial file on object stores). The
+rewritten whole after every change: `storage.write_text` replaces it atomically (a temporary file
+renamed over it locally, one PUT on object stores), so a kill leaves the old or the new manifest. The
 stage outputs' `_SUCCESS` markers remain the truth about completion; the manifest mirrors them.
 """
 
@@ -109,13 +110,16 @@ class Manifest:
     def load(cls, run_dir: str) -> Manifest:
         path = RunLayout(run_dir).manifest
         try:
-            data = json.loads(storage.read_bytes(path))
+            data = storage.read_json_object(path)
         except FileNotFoundError:
             raise RunDirError(
                 f"{run_dir}: no {os.path.basename(path)}; not a run directory of `artaug run`"
             ) from None
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"{path}: not valid JSON ({err})") from None
+        except ValueError as err:
+            raise RunDirError(
+                f"run dir {run_dir}: {os.path.basename(path)} is damaged ({err}); restore it from a"
+                " backup, or start a new run"
+            ) from None
         found = (data.get("format"), data.get("artaug_version"))
         if found != (FORMAT, artaug.__version__):
             raise RunDirError(

@@ -37,7 +37,7 @@ from artaug.lora.algebra import combine_rounds
 from artaug.lora.files import check_finite
 from artaug.models.synthesis import enhanced_model, model_of_round
 from artaug.prompts import PromptSet, read_prompts
-from artaug.stages.contract import run_stage
+from artaug.stages.contract import reusable_summary, run_stage
 from artaug.stages.critique import critique
 from artaug.stages.enhance import enhance
 from artaug.stages.evaluate import evaluate
@@ -255,8 +255,8 @@ class Loop:
         """Run one stage unless complete; a half-written output is discarded first (or kept, when the
         stage resumes by itself: training's checkpoints, evaluate's finished generations)."""
         with log_context(stage=name):
-            if storage.is_complete(stage_dir) and not redo:
-                summary = storage.read_summary(stage_dir)
+            summary = None if redo else reusable_summary(stage_dir)
+            if summary is not None:
                 self.manifest.stage_done(k, name, summary, reused=True)
                 log.info("complete in an earlier attempt: %s", stage_dir)
                 print(f"[{label}] {name}: complete in an earlier attempt")

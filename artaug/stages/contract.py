@@ -46,6 +46,7 @@ def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayC
               overwrite: bool = False, resumable: bool = False) -> dict:  # fmt: skip
     """Run `work` into `stage_dir` under the contract; returns the summary written to its marker."""
     if storage.is_complete(stage_dir) and not overwrite:
+        storage.read_summary(stage_dir)  # a damaged marker or cut file: say so, not "completed"
         raise StageDoneError(
             f"{stage_dir} already holds a completed stage ({name}): use --overwrite to replace it"
         )
@@ -95,6 +96,8 @@ def resolve_input(path: str, name: str, columns: tuple[str, ...] = (), require_c
         complete = storage.is_complete(candidate)
         if require_complete and not complete:
             continue
+        if complete:
+            storage.read_summary(candidate)  # the files its marker lists are whole
         names = _column_names(candidate)
         if names is None:
             continue
@@ -120,12 +123,27 @@ def _column_names(folder: str) -> list[str] | None:
 def read_stage(stage_dir: str, columns: list[str] | None = None, exclude: tuple[str, ...] = ()) -> pa.Table:
     """The Parquet rows of a stage folder sorted by prompt_id: `columns` (those it has, with
     prompt_id), or every column but `exclude` (e.g. the images, when only the numbers are needed)."""
+    if storage.is_complete(stage_dir):
+        storage.read_summary(stage_dir)  # a cut Parquet part is named, not a reader's traceback
     fs, path = storage.resolve(stage_dir)
     dataset = pq.ParquetDataset(path, filesystem=fs)
     names = dataset.schema.names
     wanted = names if columns is None else ["prompt_id", *columns]
     wanted = [c for c in dict.fromkeys(wanted) if c in names and c not in exclude]
     return dataset.read(columns=wanted).sort_by("prompt_id")
+
+
+def reusable_summary(stage_dir: str) -> dict | None:
+    """The summary of a complete, intact stage; None when it must run (again). A damaged marker or
+    a missing or cut file it lists is logged and the marker removed, so the stage runs again."""
+    if not storage.is_complete(stage_dir):
+        return None
+    try:
+        return storage.read_summary(stage_dir)
+    except storage.StateError as err:
+        log.warning("%s: running it again", err)
+        storage.remove(storage.join(stage_dir, storage.SUCCESS))
+        return None
 
 
 def pool_options(resources: Resources, actors: int) -> dict:
