@@ -27,14 +27,16 @@ BATCH_ROWS = 8
 def _parquet_files(folder: str) -> tuple[pafs.FileSystem, list[str]]:
     fs, path = storage.resolve(folder)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    names = [
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.path.endswith(".parquet")
-        and not i.base_name.startswith(("_", "."))
-    ]
-    return fs, sorted(names)
+    return fs, sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and _data_file(i.path[len(path) :])
+    )
+
+
+def _data_file(relative: str) -> bool:
+    # Parquet readers skip names starting with "_" or "." (markers, temporary files) at any depth.
+    return relative.endswith(".parquet") and not any(
+        p.startswith(("_", ".")) for p in relative.split("/") if p
+    )
 
 
 def first_ids(folder: str, count: int) -> list[str]:
@@ -43,9 +45,8 @@ def first_ids(folder: str, count: int) -> list[str]:
     ids: list[str] = []
     for name in files:
         with fs.open_input_file(name) as f:
-            ids = heapq.nsmallest(
-                count, [*ids, *pq.read_table(f, columns=["prompt_id"]).column(0).to_pylist()]
-            )
+            found = pq.read_table(f, columns=["prompt_id"]).column(0).drop_null().to_pylist()
+            ids = heapq.nsmallest(count, [*ids, *found])
     return ids
 
 
