@@ -329,3 +329,20 @@ def test_stage_commands_leave_the_runs_run_yaml_alone(tmp_path):
         artaug("evaluate", "--base", "tiny", "--out", run_dir, "--overwrite"), "is a run directory"
     )
     assert snapshot(run_dir) == before  # not replaced, not removed by --overwrite
+
+
+def test_a_resumed_evaluation_generates_again_where_its_finished_generation_was_cut(tmp_path):
+    from types import SimpleNamespace
+
+    from artaug.stages.evaluate.run import _reusable
+
+    folder = str(tmp_path / "evaluate" / "base" / "generate")
+    os.makedirs(folder)
+    run_stage(
+        "generate", folder, lambda: {"rows": 50, "prompts_source": "p.txt", **completed_stage_work(folder)}
+    )
+    prompts = SimpleNamespace(source="p.txt", rows=[None] * 50)
+    assert _reusable(folder, prompts)
+    open(os.path.join(folder, "part-0.parquet"), "r+b").truncate(10)
+    assert not _reusable(folder, prompts)  # not an error that stops the resume: generated again
+    assert not storage.is_complete(folder)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 
-from artaug import storage
 from artaug.config import RunConfig
 from artaug.layout import TrainOutput
 from artaug.models.synthesis import check_source
-from artaug.stages.contract import stage
+from artaug.stages.contract import reusable_summary, stage
 from artaug.train.latents import PairsError, cache_latents, eligible_pairs
 from artaug.train.trainer import fit
 
@@ -32,8 +31,8 @@ def _checks(cfg: RunConfig, pairs_dir: str, *_, **__) -> None:
 def train(cfg: RunConfig, pairs_dir: str, stage_dir: str, round_index: int | None = None) -> dict:
     """Train on the eligible pairs of `pairs_dir` into the training output folder `stage_dir`."""
     out = TrainOutput(stage_dir)
-    if storage.is_complete(out.latents) and storage.read_summary(out.latents)["pairs_source"] == pairs_dir:
-        cache = storage.read_summary(out.latents)
+    cache = reusable_summary(out.latents)  # None as well for a damaged one: it is built again
+    if cache is not None and cache["pairs_source"] == pairs_dir:
         log.info("reusing the latent cache in %s", out.latents)
     else:
         cache = cache_latents(cfg, pairs_dir, out.latents)

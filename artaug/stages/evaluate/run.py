@@ -30,7 +30,7 @@ from artaug.critic.judge import judge_model, judge_pairs
 from artaug.models.synthesis import check_source
 from artaug.prompts import PromptSet
 from artaug.scorers.base import check_scorer_name, scorers_for_columns
-from artaug.stages.contract import StageInputError, read_stage, run_stage, stage
+from artaug.stages.contract import StageInputError, read_stage, reusable_summary, run_stage, stage
 from artaug.stages.evaluate.metrics import IMAGES, compute_metrics, overlap_warnings
 from artaug.stages.evaluate.presentation import format_table, write_charts
 from artaug.stages.generator import generated_images
@@ -102,9 +102,9 @@ def _generate(cfg: RunConfig, prompts: PromptSet, folder: str) -> dict:
 
 def _reusable(folder: str, prompts: PromptSet) -> bool:
     """A completed generation of these same prompts (an interrupted evaluation resumes from it)."""
-    if not storage.is_complete(folder):
+    summary = reusable_summary(folder)  # None as well for a damaged one: it is generated again
+    if summary is None:
         return False
-    summary = storage.read_summary(folder)
     return summary.get("prompts_source") == prompts.source and summary.get("rows") == len(prompts.rows)
 
 
