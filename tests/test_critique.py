@@ -22,6 +22,7 @@ from artaug.stages.critique import critique
 from tests.conftest import tiny_config
 
 CORRUPT_ID = "corrupt"
+SERVER_KEY = "test-critic-key"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def critic_server(tmp_path_factory):
 
     cfg = tiny_config().critique
     log = str(tmp_path_factory.mktemp("critic") / "server.log")
-    process, url = start_server(critic_model(cfg), cfg, port=free_port(), log_path=log)
+    process, url = start_server(critic_model(cfg), cfg, port=free_port(), log_path=log, api_key=SERVER_KEY)
     try:
         wait_ready(process, url, timeout_s=600, log_path=log)
         yield url
@@ -99,8 +100,14 @@ def critic_server(tmp_path_factory):
 
 
 def test_openai_backend_against_a_real_vllm_server(ray_local, images, critic_server, tmp_path):
+    import requests
+
+    from artaug.critic.openai_backend import Endpoint
+
+    # The server requires its key (given as `artaug critic serve` and the run's engine give it).
+    assert requests.get(f"{critic_server}/models", timeout=10).status_code == 401
     cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": critic_server})
-    summary = critique(cfg, images, str(tmp_path / "critique"))
+    summary = critique(cfg, images, str(tmp_path / "critique"), endpoint=Endpoint(critic_server, SERVER_KEY))
     rows = rows_by_id(str(tmp_path / "critique"))
     assert_every_image_critiqued(rows, "openai")
     assert summary["ok"] == 6
@@ -111,8 +118,11 @@ def test_unreachable_endpoint_fails_rows_without_hanging(ray_local, images, tmp_
     from tests.conftest import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
+    # max_failed_fraction 1: the rows fail and the stage completes (by default the stage would fail,
+    # see test_hostile_critic).
     cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": dead, "critique.max_retries": 1,
-                         "critique.backoff_s": 0.1, "critique.timeout_s": 5})  # fmt: skip
+                         "critique.backoff_s": 0.1, "critique.timeout_s": 5,
+                         "critique.max_failed_fraction": 1.0})  # fmt: skip
     summary = critique(cfg, images, str(tmp_path / "critique"))
     assert summary["failed"] == 8 and summary["ok"] == 0
     errors = {row["error"] for row in rows_by_id(str(tmp_path / "critique")).values()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from artaug.cli.options import add_config_options, alias, load
 
+CRITIC_KEY_ENV = "ARTAUG_CRITIC_API_KEY"  # the key `artaug critic serve` requires, when set
+
 
 def add_commands(commands) -> None:
     srv = commands.add_parser(
@@ -46,7 +48,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_critic_serve(args) -> int:
+    """Requires the key in $ARTAUG_CRITIC_API_KEY, when set, on every /v1 request."""
     import dataclasses
+    import os
+    import sys
 
     from artaug.critic.backends import critic_model
     from artaug.critic.server import start_server, stop_server, wait_ready
@@ -54,13 +59,28 @@ def cmd_critic_serve(args) -> int:
     cfg = load(args)
     critique = dataclasses.replace(cfg.critique, model=args.model) if args.model else cfg.critique
     model = critic_model(critique)
-    process, url = start_server(model, critique, args.host, args.port)
+    key = os.environ.get(CRITIC_KEY_ENV, "")
+    if not key and not _loopback(args.host):
+        print(f"warning: {args.host} is reachable from other machines and {CRITIC_KEY_ENV} is not set:"
+              " anyone who can reach it can use the critic", file=sys.stderr)  # fmt: skip
+    process, url = start_server(model, critique, args.host, args.port, api_key=key or None)
     try:
         wait_ready(process, url)
+        with_key = f" --set critique.api_key_env={CRITIC_KEY_ENV}" if key else ""
         print(f"critic ready at {url} ({model}); use it with --set critique.backend=openai"
-              f" --set critique.base_url={url}   (Ctrl-C stops it)", flush=True)  # fmt: skip
+              f" --set critique.base_url={url}{with_key}   (Ctrl-C stops it)", flush=True)  # fmt: skip
         return process.wait()
     except KeyboardInterrupt:
         return 0
     finally:
         stop_server(process)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False

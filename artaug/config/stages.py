@@ -80,6 +80,10 @@ class CritiqueConfig:
     """Retries of a request that times out, cannot connect, or gets 429/5xx (openai backend)."""
     backoff_s: NonNegativeFloat = 1.0
     """First retry delay; doubles on each retry (openai backend)."""
+    breaker_failures: Count = 5
+    """Connection failures in a row after which the endpoint counts as dead: the rest fail at once."""
+    max_failed_fraction: Annotated[Float, Field(ge=0, le=1)] = 0.5
+    """The critique stage (and the judge) fails, without a marker, when more of its rows fail than this."""
     cache_dir: Text = "~/.cache/artaug"
     """Where model.source/critique.model "tiny" folders are built once and reused."""
 

@@ -7,7 +7,8 @@ and the JSON schema the answer must follow. Backends:
 - heuristic: no model; measures the pixels (critique task only);
 - vllm: batch inference inside Ray Data (`ray.data.llm`), engines started for the dataset;
 - openai: any OpenAI-compatible endpoint, e.g. `artaug critic serve` or the run's warm engine
-  (`artaug.critic.engine`), whose URL is passed as `endpoint` without touching the user's config.
+  (`artaug.critic.engine`), whose URL and key are passed as `endpoint` without touching the user's
+  config.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from artaug.config import CritiqueConfig
 from artaug.critic.answers import ANSWER, answer_row
 from artaug.critic.heuristic import heuristic_critique
 from artaug.critic.instruction import chat_messages
-from artaug.critic.openai_backend import OpenAICritic
+from artaug.critic.openai_backend import Endpoint, OpenAICritic
 from artaug.critic.schema import SCHEMA_VERSION, critique_schema
 from artaug.critic.tiny_vlm import ensure_tiny_vlm
 from artaug.critic.vllm_backend import vllm_answers
@@ -69,14 +70,14 @@ def critic_model(cfg: CritiqueConfig, tiny_seed: int = 0) -> str:
 
 
 def ask(
-    ds: ray.data.Dataset, cfg: CritiqueConfig, task: Task, model: str, endpoint: str | None = None
+    ds: ray.data.Dataset, cfg: CritiqueConfig, task: Task, model: str, endpoint: Endpoint | None = None
 ) -> ray.data.Dataset:
     """Request rows (critic.answers.REQUEST) -> answer rows (ANSWER) through the configured backend,
     or through the OpenAI-compatible `endpoint` when one is given (a warm engine)."""
     if endpoint is not None or cfg.backend == "openai":
         return ds.map_batches(
             OpenAICritic,
-            fn_constructor_kwargs={"cfg": cfg, "task": task, "base_url": endpoint or cfg.base_url},
+            fn_constructor_kwargs={"cfg": cfg, "task": task, "endpoint": endpoint or Endpoint(cfg.base_url)},
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=1),

@@ -5,47 +5,79 @@ on the same model) would pay that start each time, minutes for a 72B model. A `W
 the server once, in an actor that Ray places where the engine's resources are (a GPU node on a
 cluster), and hands out its endpoint; stages ask it through the OpenAI protocol
 (`artaug.critic.backends.ask(..., endpoint=...)`). The user's configuration is never rewritten.
+
+Closed by default: the engine requires a key generated for the run (only the run's stages get it)
+and, when the run's Ray is private to this machine, listens on loopback only. Before handing out
+its endpoint the engine's health is checked; a dead engine is restarted once per run, a second
+death fails the stage that asked.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import tempfile
 
 import ray
+import requests
 
 from artaug.cluster import cluster_has_gpus
 from artaug.config import CritiqueConfig
-from artaug.critic.server import start_server, stop_server, wait_ready
+from artaug.critic.openai_backend import Endpoint
+from artaug.critic.server import health_url, start_server, stop_server, wait_ready
+from artaug.errors import ArtaugError
 
 log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
+
+
+class CriticEngineError(ArtaugError, RuntimeError):
+    """The run's critic engine died again after its one restart."""
 
 
 @ray.remote
 class _EngineServer:
     """Owns the server process; the process dies with the actor (see start_server)."""
 
-    def __init__(self, cfg: CritiqueConfig, model: str):
+    def __init__(self, cfg: CritiqueConfig, model: str, key: str, loopback: bool, launch=start_server):
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="artaug-critic-"), "server.log")
-        host = ray.util.get_node_ip_address()
-        self.process, self.base_url = start_server(model, cfg, host, _free_port(host), self.log_path)
+        host = LOOPBACK if loopback else ray.util.get_node_ip_address()
+        self.process, self.base_url = launch(model, cfg, host, _free_port(host), self.log_path, api_key=key)
 
     def wait_ready(self, timeout_s: float) -> str:
         wait_ready(self.process, self.base_url, timeout_s, self.log_path)
         return self.base_url
+
+    def healthy(self) -> bool:
+        if self.process.poll() is not None:
+            return False
+        try:
+            return requests.get(health_url(self.base_url), timeout=10).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def where(self) -> str:
+        return f"{ray.util.get_node_ip_address()}:{self.log_path}"
 
     def stop(self) -> None:
         stop_server(self.process)
 
 
 class WarmEngine:
-    """Starts the engine for `model` on first use (or early, with `start`) and stops it at `close`."""
+    """Starts the engine for `model` on first use (or early, with `start`) and stops it at `close`.
 
-    def __init__(self, cfg: CritiqueConfig, model: str, ready_timeout_s: float = 1800):
+    `local`: the run's Ray is private to this machine, so the engine binds loopback. `launch` starts
+    the server process (vLLM's, `critic.server.start_server`, unless a test needs a stand-in).
+    """
+
+    def __init__(self, cfg: CritiqueConfig, model: str, ready_timeout_s: float = 1800, local: bool = False,
+                 launch=start_server):  # fmt: skip
         self.cfg, self.model = cfg, model  # model: a hub id or a local folder (critic_model's answer)
-        self.ready_timeout_s = ready_timeout_s
+        self.ready_timeout_s, self.local, self.launch = ready_timeout_s, local, launch
+        self.key = secrets.token_urlsafe(32)  # never logged or written; handed to the run's stages only
+        self.restarts = 0
         self._actor = None
         self._url: str | None = None
 
@@ -63,15 +95,40 @@ class WarmEngine:
         if gpus and self.cfg.accelerator_type:
             options["accelerator_type"] = self.cfg.accelerator_type
         log.info("starting one critic engine for the run (%s GPU(s)): %s", gpus, self.model)
-        self._actor = _EngineServer.options(**options).remote(self.cfg, self.model)
+        self._actor = _EngineServer.options(**options).remote(
+            self.cfg, self.model, self.key, self.local, self.launch
+        )
 
-    def endpoint(self) -> str:
-        """The engine's OpenAI-compatible base URL, once it answers."""
+    def endpoint(self) -> Endpoint:
+        """The engine's endpoint (URL and key), once it answers. An engine found dead (it answered
+        before) is restarted once per run; found dead again, it fails the stage that asked."""
         self.start()
+        if self._url is not None and not self._healthy():
+            if self.restarts:
+                raise CriticEngineError(
+                    f"the critic engine at {self._url} died again after a restart; its log is on"
+                    f" {self._where()}. Fix the cause and resume the run"
+                )
+            log.warning("critic engine at %s is dead (log: %s); restarting it once", self._url, self._where())
+            self.close()
+            self.restarts += 1
+            self.start()
         if self._url is None:
             self._url = ray.get(self._actor.wait_ready.remote(self.ready_timeout_s))
             log.info("critic engine ready at %s (%s)", self._url, self.model)
-        return self._url
+        return Endpoint(self._url, self.key)
+
+    def _healthy(self) -> bool:
+        try:
+            return ray.get(self._actor.healthy.remote(), timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):  # the actor itself is gone or hangs
+            return False
+
+    def _where(self) -> str:
+        try:
+            return ray.get(self._actor.where.remote(), timeout=10)
+        except (ray.exceptions.RayError, TimeoutError):
+            return "a node that is gone"
 
     def close(self) -> None:
         if self._actor is None:

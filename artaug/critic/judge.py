@@ -21,7 +21,9 @@ from PIL import Image
 
 from artaug import stats
 from artaug.config import CritiqueConfig, RunConfig
+from artaug.critic.answers import check_failures
 from artaug.critic.backends import Task, ask, critic_model
+from artaug.critic.openai_backend import Endpoint
 from artaug.images import data_url, decode_image
 
 JUDGE_VERSION = "judge-v1"
@@ -102,6 +104,8 @@ def parse_judgement(raw: str | None) -> tuple[str | None, str]:
         jsonschema.validate(data, JUDGE_SCHEMA)
     except json.JSONDecodeError as err:
         return None, f"unparseable: not JSON ({err.msg})"
+    except RecursionError:
+        return None, "unparseable: nested too deeply"
     except jsonschema.ValidationError as err:
         return None, f"unparseable: {err.message}"
     return data["winner"], data["reason"]
@@ -129,15 +133,19 @@ def judge_model(cfg: RunConfig) -> str:
     return cfg.evaluate.judge_model
 
 
-def judge_pairs(cfg: RunConfig, pairs: list[dict], model: str, endpoint: str | None = None) -> list[dict]:
+def judge_pairs(
+    cfg: RunConfig, pairs: list[dict], model: str, endpoint: Endpoint | None = None
+) -> list[dict]:
     """Two judgements per pair row with both images (`base`, `lora` PNGs): {prompt_id, order, winner,
-    reason, raw, error}. Rows without both images are not asked (the metrics count them missing)."""
+    reason, raw, error}. Rows without both images are not asked (the metrics count them missing).
+    Raises when the judge failed on more than critique.max_failed_fraction of its requests."""
     usable = [row for row in pairs if row["base"] and row["lora"]]
     rows = judge_rows(usable, cfg.evaluate.judge_image_side)
     if not rows:
         return []
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 8))
     answers = ask(ds, judge_config(cfg), JUDGE_TASK, model, endpoint).take_all()
+    check_failures("judge", [answer.get("error") for answer in answers], cfg.critique.max_failed_fraction)
     out = []
     for answer in answers:
         prompt_id, order = answer["prompt_id"].rsplit("#", 1)

@@ -51,6 +51,8 @@ def parse_critique(
         data = json.loads(raw, strict=False)  # raw control characters in strings are tolerated
     except json.JSONDecodeError as err:
         raise CritiqueError(f"not JSON: {err.msg} at character {err.pos}") from None
+    except RecursionError:
+        raise CritiqueError("not JSON: nested too deeply") from None
     box_max = 1000 if box_format == "norm1000" else max(image_size)
     try:
         jsonschema.validate(data, critique_schema(box_max))

@@ -3,9 +3,9 @@
 Several rounds and the evaluation judge then talk to one warm engine through the `openai` backend
 instead of starting a cold engine each time (minutes for a 72B model).
 
-    artaug critic serve tiny --port 8011
+    ARTAUG_CRITIC_API_KEY=... artaug critic serve tiny --port 8011
     artaug critique --images out/ --out out/ --set critique.backend=openai \
-        --set critique.base_url=http://127.0.0.1:8011/v1
+        --set critique.base_url=http://127.0.0.1:8011/v1 --set critique.api_key_env=ARTAUG_CRITIC_API_KEY
 """
 
 from __future__ import annotations
@@ -49,13 +49,21 @@ def server_command(model: str, host: str, port: int, cfg: CritiqueConfig, on_gpu
     return command
 
 
-def start_server(model: str, cfg: CritiqueConfig, host: str = "127.0.0.1", port: int = 8011, log_path=None):
-    """Start the server process (its output goes to log_path); returns (process, base_url)."""
+def start_server(
+    model: str, cfg: CritiqueConfig, host: str = "127.0.0.1", port: int = 8011, log_path=None, api_key=None
+):
+    """Start the server process (its output goes to log_path); returns (process, base_url).
+
+    With `api_key`, every /v1 request must carry it (Authorization: Bearer). It goes to vLLM through
+    its environment, not its command line, which any user of the machine can read.
+    """
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kvcache_gb),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     command = server_command(model, host, port, cfg, torch.cuda.is_available())
     process = subprocess.Popen(
@@ -72,7 +80,7 @@ def _die_with_parent() -> None:
 
 def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float = 600, log_path=None) -> None:
     """Block until GET /health answers 200; raise if the process dies or time runs out."""
-    health = base_url.rsplit("/v1", 1)[0] + "/health"
+    health = health_url(base_url)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -85,6 +93,11 @@ def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float = 600,
         time.sleep(1)
     process.terminate()
     raise CriticServerError(f"critic server not ready after {timeout_s:.0f}s{_tail(log_path)}")
+
+
+def health_url(base_url: str) -> str:
+    """vLLM's /health beside its /v1 API (open without a key)."""
+    return base_url.rsplit("/v1", 1)[0] + "/health"
 
 
 def stop_server(process: subprocess.Popen, grace_s: float = 20) -> None:

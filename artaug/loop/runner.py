@@ -29,6 +29,7 @@ from artaug.config import ConfigError, ModelConfig, RunConfig, load_config, to_y
 from artaug.critic.backends import critic_model
 from artaug.critic.engine import WarmEngine
 from artaug.critic.judge import judge_config, judge_model
+from artaug.critic.openai_backend import Endpoint
 from artaug.layout import RunLayout
 from artaug.loop.manifest import Manifest, RunDirError, config_hash
 from artaug.loop.observe import install_log_context, log_context, record_stage
@@ -139,7 +140,9 @@ class Loop:
             try:
                 init_ray(self.cfg.ray, output=self.layout.root)
                 if WarmEngine.applies(self.cfg.critique, self.cfg.loop.persistent_critic):
-                    self.engine = WarmEngine(self.cfg.critique, critic_model(self.cfg.critique))
+                    self.engine = WarmEngine(
+                        self.cfg.critique, critic_model(self.cfg.critique), local=self._local
+                    )
                 loras = self._rounds()
                 self._final(loras)
             except BaseException as err:
@@ -194,12 +197,18 @@ class Loop:
         step("register", lambda: run_stage("register", d.stage("register"), lambda: register(lora, earlier)))
         return lora
 
-    def _critic_endpoint(self) -> str | None:
+    @property
+    def _local(self) -> bool:
+        """The run's Ray is private to this machine: its engine binds loopback."""
+        return self.cfg.ray.address == "local"
+
+    def _critic_endpoint(self) -> Endpoint | None:
         if self.engine is None:
             return None
-        url = self.engine.endpoint()
-        self.manifest.set(critic_engine={"kind": "one vLLM engine for the run (OpenAI protocol)", "url": url})
-        return url
+        endpoint = self.engine.endpoint()  # checks the engine's health; restarts a dead one once
+        self.manifest.set(critic_engine={"kind": "one vLLM engine for the run (OpenAI protocol)",
+                                         "url": endpoint.url, "restarts": self.engine.restarts})  # fmt: skip
+        return endpoint
 
     def _stop_reason(self, verdict: dict, filter_dir: str) -> str | None:
         try:
@@ -232,7 +241,7 @@ class Loop:
         self._step("final", "report", layout.report, "final",
                    lambda: write_report(layout.root, status="finished"), redo=True)  # fmt: skip
 
-    def _judge_endpoint(self) -> Callable[[], str] | None:
+    def _judge_endpoint(self) -> Callable[[], Endpoint] | None:
         """A warm engine for the judge: the critic's when it is the same model, else one started now
         (it loads while evaluate generates). None: the judge runs its own backend as configured."""
         if not (
@@ -245,7 +254,7 @@ class Loop:
         if self.engine is None or self.engine.model != model:
             if self.engine is not None:
                 self.engine.close()
-            self.engine = WarmEngine(judge_config(self.cfg), model)
+            self.engine = WarmEngine(judge_config(self.cfg), model, local=self._local)
         self.engine.start()
         return self.engine.endpoint
 

@@ -18,8 +18,9 @@ import ray
 
 from artaug import storage
 from artaug.config import CritiqueConfig, RunConfig
-from artaug.critic.answers import REQUEST, failed_answers
+from artaug.critic.answers import REQUEST, check_failures, failed_answers
 from artaug.critic.backends import ask, critic_model, critique_task
+from artaug.critic.openai_backend import Endpoint
 from artaug.critic.schema import CritiqueError, has_suggestions, parse_critique, qwen25_resized_size
 from artaug.images import BadImageError, data_url, decode_image, fit
 from artaug.rows import CRITIQUE
@@ -104,9 +105,10 @@ def _checks(cfg: RunConfig, images: str, *_, **__) -> None:
 
 
 @stage("critique", checks=_checks)
-def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: str | None = None) -> dict:
+def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: Endpoint | None = None) -> dict:
     """Critique the images at `images` into `stage_dir`; `endpoint`: a warm engine to ask instead of
-    starting the configured backend's own (the run's engine, OpenAI protocol)."""
+    starting the configured backend's own (the run's engine, OpenAI protocol). Fails before writing
+    any row when the critic failed on more than critique.max_failed_fraction of the images."""
     critic = cfg.critique
     model = critic_model(critic) if critic.backend == "vllm" else critic.model
     prepared = (
@@ -116,7 +118,9 @@ def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: str | None =
     )
     good = prepared.filter(lambda row: row["error"] is None)
     bad = prepared.filter(lambda row: row["error"] is not None)
-    answers = ask(good, critic, critique_task(critic.box_format), model, endpoint)
+    answers = ask(good, critic, critique_task(critic.box_format), model, endpoint).materialize()
+    errors = [row["error"] for row in answers.select_columns(["error"]).iter_rows()]
+    check_failures("critique", errors, critic.max_failed_fraction)
     answers = answers.union(bad.map_batches(failed_answers, batch_format="pyarrow"))
     parsed = answers.map_batches(
         parse_answers,
@@ -131,6 +135,6 @@ def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: str | None =
         **{status: statuses.count(status) for status in ("ok", "invalid", "failed")},
         "with_suggestions": sum(1 for n in table.column("suggestions").to_pylist() if n),
         "backend": cfg.critique.backend,
-        "engine": endpoint,
+        "engine": endpoint and endpoint.url,
         "model": model,
     }
