@@ -3,8 +3,9 @@ command that writes into a run directory hold its lock until they exit; a second
 with one line naming the holder (host, pid, since when).
 
 Three kinds, by where the run directory lives (`RunLayout.lock` names the file or object):
-- a local disk: an OS lock (the filelock package) that the kernel drops when its process dies, and
-  beside it an owner record that names the holder;
+- a local disk: an OS lock (the filelock package) that the kernel drops when its process dies (a
+  forked child, e.g. an orphaned engine core, does not keep it: filelock 4 drops it in the child),
+  and beside it an owner record that names the holder;
 - a shared file system (`ray.shared_filesystem`): a lease file created with O_EXCL (flock is not
   dependable on NFS), renewed while the run lives and taken over once stale: its owner process gone
   on the same host, or not renewed for `LEASE_SECONDS`;
@@ -240,8 +241,11 @@ def find_run_dir(path: str) -> str | None:
     """The run directory `path` is or lies in (the nearest folder holding a manifest.json)."""
     path = storage.absolute(path).rstrip("/") or "/"
     while True:
-        if storage.exists(RunLayout(path).manifest):
-            return path
+        try:
+            if storage.exists(RunLayout(path).manifest):
+                return path
+        except OSError:  # a folder (or bucket prefix) we may not read: look further up
+            pass
         parent = posixpath.dirname(path) if storage.is_uri(path) else os.path.dirname(path)
         if parent == path or (storage.is_uri(path) and not storage.is_uri(parent)):
             return None

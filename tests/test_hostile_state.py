@@ -346,3 +346,40 @@ def test_a_resumed_evaluation_generates_again_where_its_finished_generation_was_
     open(os.path.join(folder, "part-0.parquet"), "r+b").truncate(10)
     assert not _reusable(folder, prompts)  # not an error that stops the resume: generated again
     assert not storage.is_complete(folder)
+
+
+ORPHANING_HOLDER = """
+import os, sys, time
+from artaug.runlock import hold
+with hold(sys.argv[1]):
+    child = os.fork()
+    if child == 0:  # a forked child (e.g. an engine core) shares the lock and outlives its parent
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_forked_child_that_outlives_the_run_does_not_keep_its_lock(tmp_path):
+    """A SIGKILLed run can leave children (an engine core): they must not block `--resume`."""
+    run_dir = str(tmp_path / "run")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING_HOLDER, run_dir], stdout=subprocess.PIPE, text=True
+    )
+    child = int(parent.stdout.readline())
+    parent.wait()
+    try:
+        assert _alive_pid(child)
+        with hold(run_dir):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def _alive_pid(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
