@@ -254,6 +254,13 @@ def test_a_second_resume_of_a_local_run_is_refused_with_the_holder_named(tmp_pat
         pass
 
 
+def test_a_second_run_into_the_same_new_directory_is_refused(tmp_path, holder, capsys):
+    run_dir = str(tmp_path / "new")
+    first = holder(run_dir)  # the first `artaug run --out new` has its lock, not yet its run.yaml
+    cli_error(capsys, ["run", "--out", run_dir], f"artaug pid {first.pid}")
+    assert sorted(os.listdir(run_dir)) == [".artaug-lock", ".artaug-lock.owner"]  # no run.yaml, manifest
+
+
 def test_a_stage_command_into_a_run_on_a_shared_file_system_is_refused(tmp_path, holder, prompt_file):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
