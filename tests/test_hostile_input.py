@@ -271,7 +271,7 @@ def test_report_survives_hostile_ids_bad_images_and_non_finite_scores(tmp_path):
     assert "../../../escaped" in html  # shown, escaped, as text only
 
 
-def test_report_and_preview_never_hold_every_image_of_a_stage(tmp_path):
+def test_report_never_holds_every_image_of_a_stage(tmp_path):
     big = _noise_png(320)  # ~300 KB each, 48 rows: ~15 MB of images in the stage
     rows = [_pair(f"p{i:03d}", big, big, 1.0, 0.1) for i in range(48)]
     run_dir = _run_with_filter_rows(tmp_path, rows, **{"loop.report_pairs": 2})
