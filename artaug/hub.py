@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
 from artaug.config import HubConfig, RunConfig
@@ -63,12 +63,30 @@ class Fetch:
     allow: tuple[str, ...] | None = None
 
 
+def env(hub: HubConfig) -> dict[str, str]:
+    """The environment variables that carry `hub.*` to a process that loads weights."""
+    values = {"HF_HUB_CACHE": os.path.expanduser(hub.cache_dir)} if hub.cache_dir else {}
+    return values | ({"HF_HUB_OFFLINE": "1"} if hub.offline else {})
+
+
 def apply(hub: HubConfig) -> None:
-    """Point this process (and, through artaug.cluster, its Ray workers) at the configured cache."""
-    if hub.cache_dir:
-        os.environ["HF_HUB_CACHE"] = os.path.expanduser(hub.cache_dir)
-    if hub.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    """Point this process (and, through artaug.cluster, its Ray workers) at the configured cache.
+
+    Every entry point that loads weights calls it: `artaug run` (and --resume), `artaug serve`, the
+    Serve app builder, and each model replica. huggingface_hub reads these variables once, when it
+    is imported, so its copies are set too: this process honours them even after the import.
+    """
+    values = env(hub)
+    os.environ.update(values)
+    if "HF_HUB_CACHE" in values:
+        constants.HF_HUB_CACHE = values["HF_HUB_CACHE"]
+    if "HF_HUB_OFFLINE" in values:
+        constants.HF_HUB_OFFLINE = True
+
+
+def settings() -> dict:
+    """Where this process reads hub weights from, as huggingface_hub sees it."""
+    return {"cache_dir": constants.HF_HUB_CACHE, "offline": constants.is_offline_mode()}
 
 
 def models_of(cfg: RunConfig) -> list[Fetch]:

@@ -106,6 +106,24 @@ def test_the_image_is_rays_gpu_image_at_our_ray_version_with_the_gpu_group():
     assert "HF_TOKEN" not in dockerfile  # no secret baked into an image
 
 
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", "rayjob.yaml", "rayservice.yaml"])
+def test_templates_share_nothing_world_writable_and_turn_on_rays_token_auth(name):
+    text = (REPO / "clusters" / name).read_text()
+    assert not re.search(r"chmod\s+(-R\s+)?[0-7]?7[0-7]7\b|chmod\s+\S*o\+w|a\+w", text)
+    config = yaml.safe_load(text)
+    if name in ("aws.yaml", "gcp.yaml"):  # every node starts Ray with token auth, the token mounted
+        starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
+        assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+        return
+    spec = config["spec"].get("rayClusterSpec") or config["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:  # every pod: token mode on, the token from a Secret (never a literal)
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth-token"
+
+
 def test_job_runtime_env_carries_no_secret():
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     names = set(runtime_env.get("env_vars", {}))
@@ -221,10 +239,14 @@ def test_prefetch_reaches_nothing_here_and_refuses_offline_mode(monkeypatch):
 
 
 def test_hub_settings_reach_the_driver_environment(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     from artaug.hub import apply
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE"):  # apply sets huggingface_hub's copies too
+        monkeypatch.setattr(constants, name, getattr(constants, name))
     apply(load_config("tiny", overrides=[f"hub.cache_dir={tmp_path}", "hub.offline=true"]).hub)
     assert os.environ["HF_HUB_CACHE"] == str(tmp_path) and os.environ["HF_HUB_OFFLINE"] == "1"
 

@@ -24,6 +24,7 @@ def add_report(commands) -> None:
 
 def cmd_run(args) -> int:
     from artaug import storage
+    from artaug.hub import apply
     from artaug.layout import RunLayout
     from artaug.loop.report import summary_table
     from artaug.loop.runner import Loop, check_prompts, reopen, start
@@ -36,6 +37,7 @@ def cmd_run(args) -> int:
             )
         run_dir = storage.absolute(args.resume)
         cfg, _ = reopen(run_dir)  # checked before the lock is taken; read again while held
+        apply(cfg.hub)  # as load() does for a new run: before Ray starts, so its workers inherit it
         check_prompts(cfg)
     else:
         cfg = load(args)

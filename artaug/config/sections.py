@@ -193,6 +193,10 @@ class ServeConfig:
     """Most denoising steps a request may ask for."""
     max_prompt_chars: _PromptChars = 2000
     """Longest prompt accepted, in characters."""
+    max_request_cost: Annotated[Int, Field(ge=256)] = 4 * 1024 * 1024 * 50
+    """Most work one request may ask for, n x width x height x steps (default: 4 of 1024x1024, 50 steps)."""
+    api_key_env: Annotated[Name, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "ARTAUG_API_KEY"
+    """Environment variable holding the API key (Authorization: Bearer); unset or empty: the API is open."""
     resources: Resources = field(default_factory=cpu_only)
     """Ray resources of each model replica."""
 

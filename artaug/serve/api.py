@@ -20,6 +20,7 @@ from artaug.config import RunConfig
 
 SEED_LIMIT = 2**63
 SIZE_PATTERN = re.compile(r"(\d{1,5})x(\d{1,5})")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RequestError(Exception):
@@ -114,6 +115,12 @@ def settle(request: ImageRequest, cfg: RunConfig) -> tuple[ImageJob, float]:
         )
     if not request.prompt.strip():
         raise RequestError(400, "prompt must not be empty", "prompt")
+    surrogate = LONE_SURROGATE.search(request.prompt)
+    if surrogate:
+        # JSON may spell one ("\\ud800"); no tokenizer can encode it, so it would fail on the replica.
+        raise RequestError(
+            400, f"prompt: character {surrogate.start()} is a lone surrogate, not valid Unicode", "prompt"
+        )
     if len(request.prompt) > cfg.serve.max_prompt_chars:
         raise RequestError(
             400,
@@ -145,6 +152,13 @@ def settle(request: ImageRequest, cfg: RunConfig) -> tuple[ImageJob, float]:
                 "timeout",
             )
         timeout = float(request.timeout)
+    cost = request.n * width * height * steps
+    if cost > cfg.serve.max_request_cost:
+        raise RequestError(
+            400,
+            f"the request asks for n x width x height x steps = {cost:,}; the limit is"
+            f" {cfg.serve.max_request_cost:,} (fewer images, a smaller size or fewer steps)",
+        )
     job = ImageJob(request.prompt, request.n, width, height, steps, guidance, seed)
     return job, timeout
 
@@ -171,9 +185,11 @@ def describe_validation_error(errors: list[dict]) -> tuple[str, str | None]:
     if kind == "json_invalid":
         return "the body is not valid JSON", None
     if kind == "missing":
+        if field is None:
+            return "the body is empty: send a JSON object with at least a prompt", None
         return f"{field} is required", field
     if kind == "extra_forbidden":
         return f"{field} is not a known field", field
     if kind == "model_attributes_type" or (field is None and "dict" in kind):
-        return "the body must be a JSON object", None
+        return "the body must be a JSON object (Content-Type: application/json)", None
     return f"{field}: {first.get('msg', 'invalid value')}", field

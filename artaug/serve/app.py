@@ -6,71 +6,52 @@
 Back-pressure uses Ray Serve's own queues: a model replica takes `max_ongoing_requests`, each caller
 queues at most `max_queued_requests` more, and anything beyond that is answered at once with 503 and
 Retry-After (the ingress's own queue at the HTTP proxy is bounded the same way).
+
+The HTTP edge (API key, body limit, OpenAI-shaped errors) is `artaug.serve.edge`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from artaug import hub
 from artaug.cluster import ray_resources
 from artaug.config import RunConfig
-from artaug.serve.api import (
-    ImageRequest,
-    ImagesResponse,
-    ModelCard,
-    ModelList,
-    RequestError,
-    describe_validation_error,
-    error_body,
-    settle,
-)
+from artaug.serve import edge
+from artaug.serve.api import ImageRequest, ImagesResponse, ModelCard, ModelList, error_body, settle
 from artaug.serve.model import FluxModel
 
-# A body is a prompt (at most serve.max_prompt_chars characters, at most 100,000: see config.py) and a
-# few small fields: anything larger than this is refused before it is parsed.
-MAX_BODY_BYTES = 1024 * 1024
+log = logging.getLogger(__name__)
+
 HEALTH_TIMEOUT_S = 5.0
+# How often Serve calls each model replica's check_health: a broken or dead replica is replaced,
+# and /healthz reflects it, within about this long.
+HEALTH_CHECK_PERIOD_S = 2.0
 
 api = FastAPI(
     title="artaug image API",
     description="Images from FLUX with the ArtAug LoRA fused in, in the shape of OpenAI's Images API.",
     version="1",
 )
+edge.install(api)
 ERRORS = {
     400: {"description": "A field is missing, mistyped or out of bounds (the message names it)."},
+    401: {"description": "An API key is set and the request did not send it (Authorization: Bearer)."},
     404: {"description": "The request names a model this server does not serve."},
+    413: {"description": "The body is larger than 1 MiB."},
+    500: {"description": "The model failed on this request (other requests are not affected)."},
     503: {"description": "The queue is full; retry after the Retry-After header's seconds."},
     504: {"description": "The images were not ready within the request's timeout."},
 }
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    message, field = describe_validation_error(exc.errors())
-    return JSONResponse(error_body(message, "invalid_request_error", field), status_code=400)
-
-
-@api.exception_handler(RequestError)
-async def _refused(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-@api.middleware("http")
-async def _limit_body_size(request: Request, call_next):
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        message = f"the body has {length} bytes; the limit is {MAX_BODY_BYTES}"
-        return JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
-    return await call_next(request)
 
 
 # Helpers the ingress uses are defined above it: Serve serializes the class when it is decorated,
@@ -97,10 +78,11 @@ def _display_name(source: str) -> str:
 class ImageAPI:
     """HTTP ingress: checks requests, forwards jobs to the model deployment, shapes the answers."""
 
-    def __init__(self, model: DeploymentHandle, cfg: RunConfig):
+    def __init__(self, model: DeploymentHandle, cfg: RunConfig, key_digest: bytes | None = None):
         self.model = model
         self.cfg = cfg
         self.created = int(time.time())
+        api.state.api_key_digest = key_digest  # read by edge.Edge on every request
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
     async def generations(self, body: ImageRequest) -> ImagesResponse | JSONResponse:
@@ -118,6 +100,10 @@ class ImageAPI:
         except asyncio.CancelledError:
             response.cancel()  # the client went away: stop its work too
             raise
+        except Exception as err:  # noqa: BLE001 - the replica failed this request (or died): only it fails
+            log.warning("a request failed on the model replica: %s", err)
+            message = "the model failed on this request; other requests are not affected, retry may succeed"
+            return JSONResponse(error_body(message, "server_error"), status_code=500)
         return ImagesResponse(
             created=int(time.time()),
             data=images,
@@ -145,19 +131,34 @@ class ImageAPI:
         try:
             await asyncio.wait_for(_result(probe), HEALTH_TIMEOUT_S)
             status, code = "ok", 200
-        except (BackPressureError, TimeoutError):
-            probe.cancel()
+        except BackPressureError:
             status, code = "busy", 200
-        except Exception:  # noqa: BLE001 - any failure to reach a replica means unhealthy
+        except TimeoutError:
+            probe.cancel()
+            # Queued behind work, or nothing there to answer: Serve's controller knows which.
+            running = await asyncio.to_thread(_running_model_replicas)
+            status, code = ("busy", 200) if running else ("unavailable", 503)
+        except Exception:  # noqa: BLE001 - a replica that is broken or gone cannot answer
             status, code = "unavailable", 503
         return JSONResponse({"status": status, "model": self.cfg.serve.model_name}, status_code=code)
+
+
+def _running_model_replicas() -> int:
+    """Model replicas of this application Serve's controller counts as running (its health checks pass)."""
+    app = serve.status().applications.get(serve.get_replica_context().app_name)
+    model = app.deployments.get("FluxModel") if app else None
+    return model.replica_states.get("RUNNING", 0) if model else 0
 
 
 def build_app(cfg: RunConfig):
     """The application for `cfg`: model replicas with the configured resources and queues, one ingress."""
     backpressure = {"retry_after_s": cfg.serve.retry_after_s}
+    actor_options = ray_resources(cfg.serve.resources)
+    if hub.env(cfg.hub):  # the replica's process has `hub.*` before it imports huggingface_hub
+        actor_options["runtime_env"] = {"env_vars": hub.env(cfg.hub)}
     model = serve.deployment(FluxModel, name="FluxModel").options(
-        ray_actor_options=ray_resources(cfg.serve.resources),
+        ray_actor_options=actor_options,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         autoscaling_config={
             "min_replicas": cfg.serve.min_replicas,
             "max_replicas": cfg.serve.max_replicas,
@@ -176,7 +177,7 @@ def build_app(cfg: RunConfig):
         max_queued_requests=cfg.serve.max_queued_requests,
         backpressure_config=backpressure,
     )
-    return ingress.bind(model.bind(cfg), cfg)
+    return ingress.bind(model.bind(cfg), cfg, edge.key_digest(cfg))
 
 
 def app_builder(args: dict):

@@ -20,8 +20,9 @@ from artaug import storage
 from artaug.cluster import init_ray
 from artaug.config import ModelConfig, RunConfig, load_config
 from artaug.errors import ArtaugError
-from artaug.hub import looks_local
+from artaug.hub import apply, looks_local
 from artaug.layout import RunLayout
+from artaug.lora.files import check_finite
 from artaug.models.synthesis import check_source, enhanced_model
 from artaug.serve.app import build_app
 
@@ -58,6 +59,7 @@ def resolve_config(
             raise ServeSetupError(f"{run_dir} is not a run directory: {layout.run_yaml} does not exist")
         config_path = layout.run_yaml
     cfg = load_config(preset=preset, path=config_path, overrides=overrides)
+    apply(cfg.hub)  # before Ray starts here: its workers inherit the setting (artaug.cluster)
     model = cfg.model
     if layout is not None:
         if storage.exists(layout.combined_lora):
@@ -78,6 +80,7 @@ def resolve_config(
         # Only safetensors: other LoRA formats are pickles, which can run code when loaded.
         if not path.endswith(".safetensors"):
             raise ServeSetupError(f"LoRA {path!r} is not a .safetensors file; only safetensors are loaded")
+        check_finite(path)  # refused here, before Ray starts, not in every replica
     return dataclasses.replace(cfg, model=model)
 
 

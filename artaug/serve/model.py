@@ -10,6 +10,10 @@ same prompt, seed and batch composition.
 The sampling loop runs on one worker thread so the replica's event loop stays free to hear about
 cancellations. When every image of a call has been cancelled (the client disconnected or its
 timeout passed), the loop's `should_stop` hook stops it before the next step.
+
+A call that fails is retried image by image, so a failure costs only the request that caused it
+(`ImageFailed`); when even a one-step health probe then fails, the pipeline itself is broken and
+`check_health` (Serve calls it periodically) fails, so Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from ray import serve
 
+from artaug import hub
 from artaug.config import RunConfig
 from artaug.images import png_bytes
 from artaug.models.sampling import Cancelled, Job, sample
@@ -54,10 +59,19 @@ class Counters:
     steps: int = 0
     """Denoising steps run (counted between steps, as each one starts)."""
     cancelled_calls: int = 0
+    failed_calls: int = 0
+    """Pipeline calls that raised (a failed call of several images is then retried image by image)."""
     largest_call: int = 0
     busy: bool = False
     lora_layers: int = 0
     call_sizes: dict = field(default_factory=dict)
+
+
+class ImageFailed(RuntimeError):
+    """This request's images could not be made; the replica's log holds the traceback."""
+
+
+PROBE = ImageTask("health probe", 0, (16, 16, 1, 1.0))
 
 
 class FluxModel:
@@ -66,7 +80,9 @@ class FluxModel:
     def __init__(self, cfg: RunConfig):
         torch.set_num_threads(cfg.serve.resources.torch_threads)
         self.cfg = cfg
+        hub.apply(cfg.hub)  # build_app also sets it in the replica's environment, before any import
         self.pipe = load_pipeline(cfg.model)
+        self.broken: str | None = None
         # One thread: the pipeline's scheduler keeps per-call state, so calls must not overlap.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux")
         # Fused and unloaded: no LoRA layer may remain (inference costs what the base model costs).
@@ -87,17 +103,32 @@ class FluxModel:
         tasks = [ImageTask(job.prompt, job.seed + i, job.settings()) for i in range(job.n)]
         try:
             await self._pipeline_free.wait()
-            return list(await asyncio.gather(*(self._images(task) for task in tasks)))
+            images = list(await asyncio.gather(*(self._images(task) for task in tasks)))
         except asyncio.CancelledError:
             for task in tasks:
                 task.cancelled.set()
             raise
+        failed = next((image for image in images if isinstance(image, BaseException)), None)
+        if failed is not None:
+            raise ImageFailed(f"the model failed on this request ({type(failed).__name__})")
+        return images
 
     def stats(self) -> dict:
         c = self.counters
         return {**c.__dict__, "call_sizes": dict(c.call_sizes)}
 
+    def hub_settings(self) -> dict:
+        """Where this replica's process reads hub weights from (what `hub.*` set before it loaded)."""
+        return hub.settings()
+
+    def check_health(self) -> None:
+        """Serve's health check: fails once the pipeline cannot draw even a probe, so Serve replaces it."""
+        if self.broken:
+            raise RuntimeError(self.broken)
+
     def ready(self) -> bool:
+        """The ingress's /healthz probe: True, or the reason this replica cannot generate."""
+        self.check_health()
         return True
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
@@ -113,11 +144,32 @@ class FluxModel:
             for settings, indexes in groups.items():
                 group = [tasks[i] for i in indexes]
                 # Cancelled requests' futures are already done; their images are simply not needed.
-                images = await loop.run_in_executor(self.worker, self._run, group, settings)
+                images = await self._call(loop, group, settings)
                 results.update(zip(indexes, images, strict=True))
         finally:
             self._pipeline_free.set()
         return [results[i] for i in range(len(tasks))]
+
+    async def _call(self, loop, group: list[ImageTask], settings: tuple) -> list:
+        """The group's images; a failed call is retried image by image, each failure returned as the error."""
+        try:
+            return await loop.run_in_executor(self.worker, self._run, group, settings)
+        except Exception as err:  # noqa: BLE001 - any failure is one request's, until the probe says otherwise
+            self.counters.failed_calls += 1
+            if len(group) > 1:
+                log.warning("a call of %d images failed (%r): retrying them one by one", len(group), err)
+                return [image for task in group for image in await self._call(loop, [task], settings)]
+            log.exception("an image of seed %d failed", group[0].seed)
+            await self._probe(loop)
+            return [err]
+
+    async def _probe(self, loop) -> None:
+        """After a failure: does the pipeline still draw a tiny image? If not, the replica is broken."""
+        try:
+            await loop.run_in_executor(self.worker, self._run, [PROBE], PROBE.settings)
+        except Exception as err:  # noqa: BLE001 - the reason goes to the health check
+            self.broken = f"the pipeline fails even on a one-step probe: {type(err).__name__}: {err}"
+            log.error("replica unhealthy: %s", self.broken)
 
     def _run(self, group: list[ImageTask], settings: tuple) -> list[dict | None]:
         """Runs on the worker thread: one sampling call, stopped between steps once all are cancelled."""
