@@ -31,12 +31,13 @@ def cmd_run(args) -> int:
     from artaug.runlock import hold
 
     if args.resume:
-        if args.config or args.preset or args.overrides or args.out:
+        if args.config or args.preset or args.out:
             raise ConfigError(
-                "--resume takes the run directory's own run.yaml: drop --config/--preset/--set/--out"
+                "--resume takes the run directory's own run.yaml: drop --config/--preset/--out"
+                " (--set may change train.* settings of trainings not yet complete)"
             )
         run_dir = storage.absolute(args.resume)
-        cfg, _ = reopen(run_dir)  # checked before the lock is taken; read again while held
+        cfg, _ = reopen(run_dir, args.overrides)  # checked before the lock is taken; read again while held
         apply(cfg.hub)  # as load() does for a new run: before Ray starts, so its workers inherit it
         check_prompts(cfg)
     else:
@@ -45,7 +46,10 @@ def cmd_run(args) -> int:
         run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir = storage.absolute(run_dir)  # Ray's workers run in other working directories
     with hold(run_dir, cfg.ray.shared_filesystem):  # one writer per run directory
-        manifest = reopen(run_dir)[1] if args.resume else start(cfg, run_dir)
+        if args.resume:
+            cfg, manifest = reopen(run_dir, args.overrides, record=True)
+        else:
+            manifest = start(cfg, run_dir)
         print(f"run directory: {run_dir}")
         data = Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))
     print(summary_table(data), end="")

@@ -9,8 +9,8 @@ evaluated on held-out prompts, and the report is written. Where each output live
 `artaug.layout.RunLayout`.
 
 The loop alone decides that a complete stage is skipped: `artaug run --resume RUN_DIR` skips
-complete stages, discards a half-written one and redoes it (training and evaluation resume from
-their own partial outputs).
+complete stages, discards a half-written one and redoes it (generate and enhance keep their complete
+parts, training and evaluation resume from their own partial outputs).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from artaug.critic.engine import WarmEngine
 from artaug.critic.judge import judge_config, judge_model
 from artaug.critic.openai_backend import Endpoint
 from artaug.layout import RunLayout
+from artaug.loop import resume
 from artaug.loop.manifest import Manifest, RunDirError, config_hash
 from artaug.loop.observe import install_log_context, log_context, record_stage
 from artaug.loop.report import write_report
@@ -63,8 +64,10 @@ def start(cfg: RunConfig, run_dir: str) -> Manifest:
     return Manifest.create(run_dir, cfg)
 
 
-def reopen(run_dir: str) -> tuple[RunConfig, Manifest]:
-    """The config and manifest of an unfinished run written by this version of artaug."""
+def reopen(run_dir: str, overrides: list[str] = (), record: bool = False) -> tuple[RunConfig, Manifest]:
+    """The config and manifest of an unfinished run written by this version of artaug; `overrides`
+    may change train.* settings for stages not yet complete (`artaug.loop.resume`; kept in the
+    manifest with `record`, which the caller does while holding the run's lock)."""
     layout = RunLayout(run_dir)
     manifest = Manifest.load(run_dir)
     if manifest.data["status"] == "finished":
@@ -83,6 +86,9 @@ def reopen(run_dir: str) -> tuple[RunConfig, Manifest]:
             f"{layout.run_yaml} changed since the run started (config hash {config_hash(cfg)},"
             f" manifest {manifest.data['config_hash']}): restore it, or start a new run"
         )
+    cfg, changes = resume.changed(layout.run_yaml, cfg, manifest, list(overrides))
+    if record:
+        resume.record(manifest, list(overrides), changes, attempt=len(manifest.data["attempts"]))
     return cfg, manifest
 
 
@@ -174,11 +180,13 @@ class Loop:
         if self.engine is not None and not storage.is_complete(d.stage("critique")):
             self.engine.start()  # the engine loads while this round generates
         step = lambda name, work, **kw: self._step(k, name, d.stage(name), label, work, **kw)  # noqa: E731
-        step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k, overwrite=True))
+        # generate and enhance keep the complete parts of a stopped attempt (`artaug.stages.parts`)
+        step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k),
+             keep_partial=True)  # fmt: skip
         step("critique", lambda: critique(cfg, d.stage("generate"), d.stage("critique"),
                                           endpoint=self._critic_endpoint(), overwrite=True))  # fmt: skip
-        step("enhance", lambda: enhance(cfg, d.stage("generate"), d.stage("critique"), d.stage("enhance"),
-                                        overwrite=True))  # fmt: skip
+        step("enhance", lambda: enhance(cfg, d.stage("generate"), d.stage("critique"), d.stage("enhance")),
+             keep_partial=True)  # fmt: skip
         verdict = step(
             "filter", lambda: filter_pairs(cfg, d.stage("enhance"), d.stage("filter"), overwrite=True)
         )

@@ -21,7 +21,7 @@ from diffusers import FluxPipeline
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
-from artaug.lora.files import LoraFileError, local_copy, read_metadata, save_lora
+from artaug.lora.files import LoraFileError, check_finite, local_copy, read_metadata, save_lora
 
 COMPONENT = "transformer."  # key prefix of the transformer's layers in diffusers' layout
 
@@ -32,9 +32,11 @@ def read_factors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     `scale` is the file's alpha / rank for that layer (from the adapter metadata; 1 without it, the
     diffusers convention), so B @ A is exactly what fusing the file at scale 1 adds to the layer.
     """
+    local = local_copy(path)
+    check_finite(local)  # NaN or inf would spread into every layer's combined factors
     try:
         state, alphas, config = FluxPipeline.lora_state_dict(
-            local_copy(path), return_alphas=True, return_lora_metadata=True
+            local, return_alphas=True, return_lora_metadata=True
         )
     except Exception as err:  # noqa: BLE001 - any reader failure means the file is not a LoRA we can read
         raise LoraFileError(f"LoRA file {path}: unreadable ({type(err).__name__}: {err})") from None

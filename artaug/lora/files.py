@@ -98,8 +98,21 @@ def local_copy(path: str) -> str:
 
 
 def check_finite(path: str) -> dict[str, torch.Tensor]:
-    """The file's tensors; LoraFileError when any holds NaN or inf (a diverged training)."""
-    tensors = load(storage.read_bytes(path))
+    """The file's tensors; LoraFileError when any holds NaN or inf (a diverged training). Every path
+    that reads a LoRA checks it: fusing (generate, `artaug fuse`, serving), combining, training."""
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise LoraFileError(f"LoRA file {path}: does not exist") from None
+    return check_finite_bytes(data, path)
+
+
+def check_finite_bytes(data: bytes, path: str) -> dict[str, torch.Tensor]:
+    """`check_finite` for a file's bytes already read; `path` names it in the error."""
+    try:
+        tensors = load(data)
+    except Exception as err:  # noqa: BLE001 - any reader failure means the file is not safetensors
+        raise LoraFileError(f"LoRA file {path}: unreadable ({type(err).__name__}: {err})") from None
     bad = sorted(key for key, tensor in tensors.items() if not tensor.isfinite().all())
     if bad:
         raise LoraFileError(

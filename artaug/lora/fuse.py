@@ -2,8 +2,8 @@
 
 Fusing adds scale * B @ A to each layer's weight and removes the LoRA layers, so a fused model costs
 what the base model costs. Files go through diffusers' pipeline-level reader, which returns the
-adapter metadata (alpha / rank); every file is checked against the model's layers first, because
-diffusers skips keys that match no layer with only a warning.
+adapter metadata (alpha / rank); every file is checked first for NaN or inf values, and against the
+model's layers, because diffusers skips keys that match no layer with only a warning.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from diffusers import FluxPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from artaug.lora.files import check_fits, local_copy
+from artaug.lora.files import check_finite, check_fits, local_copy
 
 
 def fuse_into_pipeline(pipe, loras: list[str], scale: float = 1.0) -> None:
@@ -20,6 +20,7 @@ def fuse_into_pipeline(pipe, loras: list[str], scale: float = 1.0) -> None:
     for index, path in enumerate(loras):
         name = f"fused_{index}"
         local = local_copy(path)
+        check_finite(local)
         check_fits(local, {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
         pipe.load_lora_weights(local, adapter_name=name)
         pipe.fuse_lora(adapter_names=[name], lora_scale=scale)
@@ -32,6 +33,7 @@ def fuse_into_transformer(transformer, path: str, scale: float = 1.0, name: str 
     The transformer's own `load_lora_adapter(path)` ignores the saved alpha and would apply
     alpha == rank, hence the pipeline-level reader.
     """
+    check_finite(path)
     check_fits(path, {"transformer": transformer})
     state, alphas, metadata = FluxPipeline.lora_state_dict(
         local_copy(path), return_alphas=True, return_lora_metadata=True

@@ -7,7 +7,8 @@ written, last. This module owns that protocol:
 - `@stage("name", checks=...)` wraps a stage function `fn(cfg, ..., stage_dir, ...) -> summary`: it
   runs the stage's input checks (same arguments) before anything is removed or Ray starts, refuses a
   completed `stage_dir` unless `overwrite=True`, clears a half-written one (a resumable stage keeps
-  it: training resumes from its checkpoints), starts or joins Ray, times the work and writes the
+  it: training resumes from its checkpoints, generate and enhance from their complete parts,
+  `artaug.stages.parts`), starts or joins Ray, times the work and writes the
   marker. Whether a complete stage is skipped is the caller's decision (the loop's, or the user's).
 - `resolve_input` finds a stage's input: the folder itself or its `<stage>` sub-folder.
 - `read_stage` reads a stage's rows; `pool_options` turns a section's `Resources` into the Ray Data

@@ -31,6 +31,7 @@ from artaug.models.sampling import Job, Region, sample
 from artaug.models.synthesis import check_source, load_pipeline
 from artaug.photometric import apply_adjustments
 from artaug.rows import CRITIQUE, GENERATE, PAIR
+from artaug.stages import parts as part_files
 from artaug.stages.batching import run_in_groups
 from artaug.stages.contract import pool_options, read_stage, resolve_input, stage
 
@@ -195,19 +196,26 @@ def _checks(cfg: RunConfig, images: str, critiques: str, *_, **__) -> None:
     _inputs(images, critiques)
 
 
-@stage("enhance", checks=_checks)
+@stage("enhance", resumable=True, checks=_checks)
 def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str) -> dict:
-    """Pair every generated image with its enhancement into `stage_dir`; returns the summary."""
+    """Pair every generated image with its enhancement into `stage_dir` (keeping an earlier attempt's
+    complete parts: `artaug.stages.parts`); returns the summary."""
     generate_dir, critique_map = _inputs(images, critiques)
-    ray.data.read_parquet(generate_dir, file_extensions=["parquet"]).map_batches(
+    inputs = storage.read_summary(generate_dir), critique_map
+    key = part_files.fingerprint(cfg.model, cfg.enhance, cfg.generate, *inputs)
+    done = part_files.resume(stage_dir, key)
+    rows = part_files.without(ray.data.read_parquet(generate_dir, file_extensions=["parquet"]), done)
+    pairs = rows.map_batches(
         Enhancer,
         fn_constructor_kwargs={"cfg": cfg, "critiques": critique_map},
         batch_size=cfg.generate.batch_size,
         batch_format="pyarrow",
         **pool_options(cfg.generate.resources, cfg.generate.num_actors),
-    ).write_parquet(stage_dir)
+    )
+    written = part_files.write(pairs, stage_dir, key)
     table = read_stage(stage_dir, columns=["unchanged", "error"])
     errors = sum(1 for e in table.column("error").to_pylist() if e)
     unchanged = sum(1 for u in table.column("unchanged").to_pylist() if u)
     return {"mode": cfg.enhance.mode, "rows": table.num_rows, "enhanced": table.num_rows - errors - unchanged,
-            "unchanged": unchanged, "errors": errors}  # fmt: skip
+            "unchanged": unchanged, "errors": errors,
+            "rows_reused": len(done), "rows_enhanced": written}  # fmt: skip

@@ -1,15 +1,20 @@
 """Generate stage: prompts -> images, on the FLUX actor pool (`artaug.stages.generator`).
 
 artaug generate --prompts prompts.txt --out out/
+
+Written in parts (`artaug.stages.parts`): a re-run of a stage stopped part-way generates only the
+prompts whose rows are not in a complete part yet (`rows_reused` / `rows_generated` in the summary).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from artaug.config import RunConfig
 from artaug.models.synthesis import check_source
 from artaug.prompts import PromptSet
+from artaug.stages import parts
 from artaug.stages.contract import read_stage, stage
 from artaug.stages.generator import generated_images
 
@@ -18,15 +23,23 @@ def _checks(cfg: RunConfig, *_, **__) -> None:
     check_source(cfg.model)
 
 
-@stage("generate", checks=_checks)
+@stage("generate", resumable=True, checks=_checks)
 def generate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, round_index: int = 1) -> dict:
-    """Generate an image for every prompt into `stage_dir`; returns the summary."""
+    """Generate an image for every prompt into `stage_dir` (keeping an earlier attempt's complete
+    parts); returns the summary."""
     start = time.perf_counter()
-    generated_images(cfg, prompts, round_index).write_parquet(stage_dir)
+    key = parts.fingerprint(cfg.model, cfg.generate, round_index, prompts.rows)
+    done = parts.resume(stage_dir, key)
+    todo = [row for row in prompts.rows if row["prompt_id"] not in done]
+    if todo:
+        todo_set = dataclasses.replace(prompts, rows=todo)
+        parts.write(generated_images(cfg, todo_set, round_index), stage_dir, key)
     summary = summarize(stage_dir)
-    rate = round(summary["images"] / (time.perf_counter() - start), 4)
+    rate = round(len(todo) / (time.perf_counter() - start), 4)
     return {
         **summary,
+        "rows_reused": len(prompts.rows) - len(todo),
+        "rows_generated": len(todo),
         "round": round_index,
         "skipped_blank_prompts": prompts.skipped_blank,
         "prompts_source": prompts.source,

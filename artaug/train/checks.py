@@ -41,3 +41,10 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(weights[key].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def nonfinite_weights(model: torch.nn.Module) -> torch.Tensor:
+    """How many trainable tensors hold NaN or inf (a float tensor, for an all-reduce across ranks)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return torch.tensor(float(sum(int(not p.isfinite().all()) for p in trained)))

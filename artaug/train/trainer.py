@@ -5,8 +5,10 @@ storage (<run name>/step-NNNNNN/ checkpoints and Ray's run state); OUT/lora/ rec
 (LoRA-2, what diffusers loads) and metrics.jsonl (loss and seconds per step).
 
 A run stopped part-way (killed, failed, cluster lost) and submitted again with the same OUT and run
-name resumes from its latest checkpoint: Ray Train finds its own state under OUT/checkpoints. A
-worker that dies is replaced and the group resumes from the latest checkpoint (`train.max_failures`).
+name resumes from its latest complete checkpoint (`artaug.train.checkpoints`: an incomplete one is
+named and passed over). A worker that dies is replaced and the group resumes from the latest complete
+checkpoint (`train.max_failures`). A non-finite loss or LoRA weight stops the run with
+`TrainingDivergedError` (no LoRA written, no marker), naming the round, phase and step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from artaug.config import RunConfig
 from artaug.errors import ArtaugError
 from artaug.layout import WEIGHT_NAME, TrainOutput
 from artaug.lora.algebra import combine
-from artaug.lora.files import read_metadata
+from artaug.lora.files import check_finite_bytes, read_metadata
+from artaug.train.checkpoints import prepare
 from artaug.train.latents import ID_COLUMNS, PairsError, read_cache
 from artaug.train.worker import METRICS_FILE, STATE_FILE, FaultInjection, train_loop_per_worker
 
@@ -39,6 +42,10 @@ _OPERATIONAL = {"checkpoint_every", "keep_checkpoints", "max_failures", "encode_
 
 class CheckpointConflictError(ArtaugError, RuntimeError):
     """OUT/checkpoints holds a run made with another training configuration or other pairs."""
+
+
+class TrainingDivergedError(ArtaugError, RuntimeError):
+    """The loss or a LoRA weight became NaN or inf; the message names the step and what to change."""
 
 
 def config_hash(cfg: RunConfig, cache_summary: dict) -> str:
@@ -127,10 +134,13 @@ def _fit_one(
     subset: tuple[int, int] | None = None,
 ) -> dict:
     cache = storage.read_summary(cache_dir)
+    round_index = round_index if round_index is not None else max(cache.get("rounds") or [1])
     digest = config_hash(cfg, cache)
     target = TrainOutput(out)
     checkpoints = target.checkpoints
     _claim(checkpoints, digest)
+    experiment = storage.join(checkpoints, cfg.name)  # Ray Train's folder of this run's checkpoints
+    prepare(experiment)
     init_ray(cfg.ray, output=out)
     gpus = gpus_for(cfg.train.resources)
     fs, path = storage.resolve(checkpoints)
@@ -139,8 +149,9 @@ def _fit_one(
         train_loop_config={
             "cfg": cfg,
             "cache_dir": cache_dir,
+            "experiment": experiment,
             "config_hash": digest,
-            "round_index": round_index if round_index is not None else max(cache.get("rounds") or [1]),
+            "round_index": round_index,
             "faults": list(faults),
             "subset": subset,
         },
@@ -162,8 +173,11 @@ def _fit_one(
     start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start
+    if (result.metrics or {}).get("diverged"):
+        raise _diverged(cfg, round_index, result.metrics, subset)
     final = result.checkpoint
     state = json.loads(_read(final, STATE_FILE))
+    check_finite_bytes(_read(final, WEIGHT_NAME), f"{final.path}/{WEIGHT_NAME}")
     storage.remove_tree(target.lora_dir)
     for name in (WEIGHT_NAME, METRICS_FILE):
         storage.write_bytes(storage.join(target.lora_dir, name), _read(final, name))
@@ -181,6 +195,20 @@ def _fit_one(
         "config_hash": digest,
         "cache": cache,
     }
+
+
+def _diverged(cfg: RunConfig, round_index: int, metrics: dict, subset) -> TrainingDivergedError:
+    d = metrics["diverged"]
+    bad = d["bad_tensors"]
+    what = f"loss {d['loss']}" + (f", {bad} LoRA tensor(s) NaN or inf" if bad else "")
+    where = f"round {round_index}" + (f" subset {subset[0]}" if subset else "")
+    lr = cfg.train.learning_rate
+    return TrainingDivergedError(
+        f"training diverged in {where}, phase {d['phase']} ({d['images']} images), step {metrics['step']}:"
+        f" {what}; no LoRA was saved. Lower train.learning_rate (now {lr:g}) and resume:"
+        f" `artaug run --resume RUN_DIR --set train.learning_rate={lr / 10:g}`"
+        f" (`artaug train` needs --overwrite with the new --set)"
+    )
 
 
 def _claim(checkpoints: str, digest: str) -> None:

@@ -7,8 +7,11 @@ sample order, noise, timesteps) is a function of (seed, phase, step, micro-batch
 resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
 
 A checkpoint is one folder in Ray Train's storage: `state.json` (step, loss history, restarts),
-`phase1.safetensors` once LoRA-1 is done, and DeepSpeed's own files for the phase in progress (LoRA
-weights and each rank's optimizer shard; the frozen base is not saved). The final report adds the
+`phase1.safetensors` once LoRA-1 is done, DeepSpeed's own files for the phase in progress (LoRA
+weights and each rank's optimizer shard; the frozen base is not saved) and, written last, each
+rank's marker listing its files: a run resumes from the latest complete checkpoint
+(`artaug.train.checkpoints`). A non-finite loss or LoRA weight stops training at that step: every
+rank reports `diverged` and returns, nothing is saved, and the driver raises. The final report adds the
 kept LoRA (`pytorch_lora_weights.safetensors`), `metrics.jsonl` and `probe.safetensors` (one
 forward pass of the trained model, for checking that the saved file reproduces it).
 """
@@ -17,12 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
-import signal
 import tempfile
 import time
-from dataclasses import dataclass
 
 import ray.train
 import ray.train.torch
@@ -30,7 +32,6 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from ray.train import CheckpointConsistencyMode
 from safetensors.torch import save_file
 
 from artaug import storage
@@ -40,7 +41,14 @@ from artaug.lora.files import save_lora
 from artaug.lora.fuse import fuse_into_transformer
 from artaug.models.flow_matching import flow_matching_loss
 from artaug.models.synthesis import load_transformer
-from artaug.train.checks import probe, weights_digest
+from artaug.train.checkpoints import (
+    CheckpointError,
+    FaultInjection,
+    latest_complete,
+    maybe_fault,
+    write_marker,
+)
+from artaug.train.checks import nonfinite_weights, probe, weights_digest
 from artaug.train.data import CachedPairs, mix_seed, sample_indices
 from artaug.train.deepspeed_config import deepspeed_config, prepare_process
 
@@ -55,24 +63,13 @@ PROBE_FILE = "probe.safetensors"
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FaultInjection:
-    """For drills and tests: rank `rank` kills its own process (SIGKILL) right after optimizer step
-    `step`, once: the marker file (on storage every worker sees) records that it happened. The kill
-    waits until Ray Train has committed every checkpoint reported so far, so the step a run resumes
-    from is deterministic (a report still in flight when a worker dies is lost)."""
-
-    rank: int
-    step: int
-    marker: str
-
-
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint was written by a run with another training configuration."""
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; config: cfg (RunConfig), cache_dir, config_hash, round_index, faults, subset."""
+    """Ray Train entry point; config: cfg (RunConfig), cache_dir, experiment (the checkpoints' folder),
+    config_hash, round_index, faults, subset."""
     Worker(config).run()
 
 
@@ -100,8 +97,11 @@ class Worker:
         self.step, self.history, self.restarts, self.evals = 0, [], [], []
         self.resume_dir: str | None = None
         self.phase1_file: str | None = None
+        self.diverged: dict | None = None
         self._scratch = tempfile.mkdtemp(prefix="artaug-train-")
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint, _ = latest_complete(config["experiment"])  # never Ray's latest if it is partial
+        if checkpoint is None and ray.train.get_checkpoint() is not None:
+            raise CheckpointError(f"{ray.train.get_checkpoint().path} is incomplete and no earlier one is")
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -120,11 +120,17 @@ class Worker:
                 continue
             engine = self._start_phase(index)
             if self.step > start:
-                engine.load_checkpoint(self.resume_dir, tag=DS_TAG, load_module_strict=False)
+                loaded, _ = engine.load_checkpoint(self.resume_dir, tag=DS_TAG, load_module_strict=False)
+                if loaded is None:  # DeepSpeed only warns, and would train on from fresh weights
+                    raise CheckpointError(f"{self.resume_dir}: DeepSpeed found no {DS_TAG} checkpoint")
             else:
                 self._evaluate(images)
             for step in range(self.step + 1, end + 1):
                 self._train_step(engine, index, images, step)
+                if self.diverged:  # every rank saw the same reduced values: all stop here
+                    ray.train.report({"step": step, "diverged": self.diverged})
+                    shutil.rmtree(self._scratch, ignore_errors=True)
+                    return
                 if step == end:
                     self._evaluate(images)
                 if step == end and kept:
@@ -133,7 +139,7 @@ class Worker:
                     self._end_phase1(engine, index)
                 elif step % self.settings.checkpoint_every == 0:
                     self._checkpoint(engine)
-                self._maybe_fault(step)
+                maybe_fault(self.faults, self.rank, step)
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _start_phase(self, index: int):
@@ -171,12 +177,16 @@ class Worker:
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
-        mean = torch.stack(losses).mean().to(self.device)
-        dist.all_reduce(mean)
+        reduced = torch.stack([torch.stack(losses).mean(), nonfinite_weights(self.transformer)])
+        reduced = reduced.to(self.device)
+        dist.all_reduce(reduced)
+        loss, bad_weights = reduced[0].item() / self.world, int(reduced[1].item())
+        if not math.isfinite(loss) or bad_weights:
+            self.diverged = {"phase": phase + 1, "images": images, "loss": loss, "bad_tensors": bad_weights}
         entry = {
             "step": step,
             "phase": images,
-            "loss": mean.item() / self.world,
+            "loss": loss,
             "seconds": round(time.perf_counter() - started, 4),
             "samples": self.world * self.settings.micro_batch_size * self.settings.grad_accumulation,
             "time": round(time.time(), 3),  # wall clock when the step ended
@@ -285,14 +295,16 @@ class Worker:
                     shutil.copy(self.phase1_file, os.path.join(folder, PHASE1_FILE))
                 for name, write in (files or {}).items():
                     write(os.path.join(folder, name))
-            has_files = bool(os.listdir(folder))
+            write_marker(folder, self.rank, self.world, self.step)
             ray.train.report(
                 {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None},
-                checkpoint=ray.train.Checkpoint.from_directory(folder) if has_files else None,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"step-{self.step:06d}" + ("-final" if extra_state else ""),
             )
 
-    def _restore(self, checkpoint) -> None:
+    def _restore(self, path: str) -> None:
+        fs, inner = storage.resolve(path)
+        checkpoint = ray.train.Checkpoint(inner, filesystem=fs)
         folder = checkpoint.to_directory(os.path.join(self._scratch, "resume"))
         with open(os.path.join(folder, STATE_FILE)) as f:
             state = json.load(f)
@@ -307,14 +319,7 @@ class Worker:
         if os.path.exists(os.path.join(folder, PHASE1_FILE)):
             self.phase1_file = os.path.join(folder, PHASE1_FILE)
         if self.rank == 0:
-            log.info("resuming from step %d (%s)", self.step, checkpoint.path)
-
-    def _maybe_fault(self, step: int) -> None:
-        for f in self.faults:
-            if f.rank == self.rank and f.step == step and not storage.exists(f.marker):
-                ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-                _write_text(f.marker, f"killed rank {self.rank} after step {step}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
+            log.info("resuming from step %d (%s)", self.step, path)
 
     # ------------------------------------------------------------------ helpers
 
