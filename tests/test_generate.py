@@ -124,12 +124,16 @@ def test_cli_generate_reports_errors_and_refuses_to_overwrite(ray_local, tmp_pat
     prompts.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = str(tmp_path / "out")
     args = ["generate", "--prompts", str(prompts), "--out", out, "--set", "generate.num_actors=1"]
+    # A bad per-row setting is refused while the file is read: before Ray, before any output.
+    assert cli(args) == 2
+    assert "line 4: width 100 is not a multiple of 16" in capsys.readouterr().err
+    assert not storage.exists(out)
+    prompts.write_text("\n".join(json.dumps(r) for r in records[:3]) + "\n")
     assert cli(args) == 0
     printed = capsys.readouterr().out
-    assert "4 rows, 3 images, 1 errors" in printed and out in printed
+    assert "3 rows, 3 images, 0 errors" in printed and out in printed
     assert storage.exists(f"{out}/run.yaml") and storage.exists(f"{out}/preview.png")
-    errors = [r for r in read_stage(f"{out}/generate").to_pylist() if r["error"]]
-    assert [r["prompt_id"] for r in errors] == ["p000003"]
+    assert len(read_stage(f"{out}/generate")) == 3
     # A completed output is never silently replaced.
     assert cli(args) == 2
     assert "already holds a completed stage" in capsys.readouterr().err
