@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "complete-rank-{rank}.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it reported
+DIVERGED = "diverged.json"  # rank 0's note of the step where the loss or a weight went non-finite
 _STEP_DIR = re.compile(r"^step-(\d+)(-final)?$")
 
 
@@ -129,6 +130,7 @@ def prepare(experiment: str) -> str | None:
     snapshot is dropped whenever it names one that is not complete; the workers then resume from
     the folder chosen here, not from the snapshot.
     """
+    storage.remove(storage.join(experiment, DIVERGED))  # an earlier attempt's: this one decides anew
     chosen, skipped = latest_complete(experiment)
     claimed = max([_snapshot_step(experiment)] + [step_of(posixpath.basename(p)) or 0 for p, _ in skipped])
     if chosen is None and claimed > 0:

@@ -30,7 +30,7 @@ from artaug.errors import ArtaugError
 from artaug.layout import WEIGHT_NAME, TrainOutput
 from artaug.lora.algebra import combine
 from artaug.lora.files import check_finite_bytes, read_metadata
-from artaug.train.checkpoints import prepare
+from artaug.train.checkpoints import DIVERGED, prepare
 from artaug.train.latents import ID_COLUMNS, PairsError, read_cache
 from artaug.train.worker import METRICS_FILE, STATE_FILE, FaultInjection, train_loop_per_worker
 
@@ -173,8 +173,10 @@ def _fit_one(
     start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start
-    if (result.metrics or {}).get("diverged"):
-        raise _diverged(cfg, round_index, result.metrics, subset)
+    if storage.exists(storage.join(experiment, DIVERGED)):
+        raise _diverged(
+            cfg, round_index, json.loads(storage.read_bytes(storage.join(experiment, DIVERGED))), subset
+        )
     final = result.checkpoint
     state = json.loads(_read(final, STATE_FILE))
     check_finite_bytes(_read(final, WEIGHT_NAME), f"{final.path}/{WEIGHT_NAME}")
@@ -197,14 +199,13 @@ def _fit_one(
     }
 
 
-def _diverged(cfg: RunConfig, round_index: int, metrics: dict, subset) -> TrainingDivergedError:
-    d = metrics["diverged"]
+def _diverged(cfg: RunConfig, round_index: int, d: dict, subset) -> TrainingDivergedError:
     bad = d["bad_tensors"]
     what = f"loss {d['loss']}" + (f", {bad} LoRA tensor(s) NaN or inf" if bad else "")
     where = f"round {round_index}" + (f" subset {subset[0]}" if subset else "")
     lr = cfg.train.learning_rate
     return TrainingDivergedError(
-        f"training diverged in {where}, phase {d['phase']} ({d['images']} images), step {metrics['step']}:"
+        f"training diverged in {where}, phase {d['phase']} ({d['images']} images), step {d['step']}:"
         f" {what}; no LoRA was saved. Lower train.learning_rate (now {lr:g}) and resume:"
         f" `artaug run --resume RUN_DIR --set train.learning_rate={lr / 10:g}`"
         f" (`artaug train` needs --overwrite with the new --set)"

@@ -11,7 +11,8 @@ A checkpoint is one folder in Ray Train's storage: `state.json` (step, loss hist
 weights and each rank's optimizer shard; the frozen base is not saved) and, written last, each
 rank's marker listing its files: a run resumes from the latest complete checkpoint
 (`artaug.train.checkpoints`). A non-finite loss or LoRA weight stops training at that step: every
-rank reports `diverged` and returns, nothing is saved, and the driver raises. The final report adds the
+rank returns, rank 0 writes `diverged.json` beside the checkpoints, nothing else is saved, and the
+driver raises (Ray's Result carries only the latest checkpoint's metrics). The final report adds the
 kept LoRA (`pytorch_lora_weights.safetensors`), `metrics.jsonl` and `probe.safetensors` (one
 forward pass of the trained model, for checking that the saved file reproduces it).
 """
@@ -42,6 +43,7 @@ from artaug.lora.fuse import fuse_into_transformer
 from artaug.models.flow_matching import flow_matching_loss
 from artaug.models.synthesis import load_transformer
 from artaug.train.checkpoints import (
+    DIVERGED,
     CheckpointError,
     FaultInjection,
     latest_complete,
@@ -98,6 +100,7 @@ class Worker:
         self.resume_dir: str | None = None
         self.phase1_file: str | None = None
         self.diverged: dict | None = None
+        self.experiment = config["experiment"]
         self._scratch = tempfile.mkdtemp(prefix="artaug-train-")
         checkpoint, _ = latest_complete(config["experiment"])  # never Ray's latest if it is partial
         if checkpoint is None and ray.train.get_checkpoint() is not None:
@@ -128,7 +131,8 @@ class Worker:
             for step in range(self.step + 1, end + 1):
                 self._train_step(engine, index, images, step)
                 if self.diverged:  # every rank saw the same reduced values: all stop here
-                    ray.train.report({"step": step, "diverged": self.diverged})
+                    if self.rank == 0:
+                        _write_text(storage.join(self.experiment, DIVERGED), json.dumps(self.diverged))
                     shutil.rmtree(self._scratch, ignore_errors=True)
                     return
                 if step == end:
@@ -182,7 +186,8 @@ class Worker:
         dist.all_reduce(reduced)
         loss, bad_weights = reduced[0].item() / self.world, int(reduced[1].item())
         if not math.isfinite(loss) or bad_weights:
-            self.diverged = {"phase": phase + 1, "images": images, "loss": loss, "bad_tensors": bad_weights}
+            self.diverged = {"step": step, "phase": phase + 1, "images": images, "loss": loss,
+                             "bad_tensors": bad_weights}  # fmt: skip
         entry = {
             "step": step,
             "phase": images,
