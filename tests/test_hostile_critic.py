@@ -258,6 +258,19 @@ def test_the_judge_fails_when_its_endpoint_is_dead(ray_local):
     assert "ConnectionError" in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_pair_whose_image_does_not_decode_is_not_asked_and_counts_missing():
+    from PIL import Image
+
+    from artaug.critic.judge import judge_rows
+    from artaug.images import png_bytes
+
+    png = png_bytes(Image.new("RGB", (16, 16), "white"))
+    pairs = [{"prompt_id": "good", "prompt": "x", "seed": 0, "base": png, "lora": png},
+             {"prompt_id": "cut", "prompt": "x", "seed": 1, "base": png[:40], "lora": png}]  # fmt: skip
+    rows = judge_rows(pairs, side=16)
+    assert [row["prompt_id"] for row in rows] == ["good#lora_right", "good#lora_left"]
+
+
 # ------------------------------------------------------------------ the run's warm engine
 
 # A stand-in for vLLM's server (a real process with vLLM's key rule: /health open, /v1 needs the key),

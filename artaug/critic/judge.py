@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import jsonschema
 import ray
@@ -24,11 +25,13 @@ from artaug.config import CritiqueConfig, RunConfig
 from artaug.critic.answers import check_failures
 from artaug.critic.backends import Task, ask, critic_model
 from artaug.critic.openai_backend import Endpoint
-from artaug.images import data_url, decode_image
+from artaug.images import BadImageError, data_url, decode_image
 
 JUDGE_VERSION = "judge-v1"
 ORDERS = ("lora_right", "lora_left")  # where the LoRA image is shown
 GAP = 8  # pixels of white between the two images
+
+log = logging.getLogger(__name__)
 
 JUDGE_SCHEMA = {
     "type": "object",
@@ -70,7 +73,11 @@ def judge_rows(pairs: list[dict], side: int) -> list[dict]:
     """
     rows = []
     for pair in pairs:
-        base, lora = decode_image(pair["base"]), decode_image(pair["lora"])
+        try:
+            base, lora = decode_image(pair["base"]), decode_image(pair["lora"])
+        except BadImageError as err:  # not asked: the metrics count the pair missing
+            log.warning("judge: %s not asked: %s", pair["prompt_id"], err)
+            continue
         for order in ORDERS:
             left, right = (base, lora) if order == "lora_right" else (lora, base)
             rows.append({
