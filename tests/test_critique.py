@@ -119,7 +119,7 @@ def test_unreachable_endpoint_fails_rows_without_hanging(ray_local, images, tmp_
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
     # max_failed_fraction 1: the rows fail and the stage completes (by default the stage would fail,
-    # see test_hostile_critic).
+    # see tests/hostile/test_critic.py).
     cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": dead, "critique.max_retries": 1,
                          "critique.backoff_s": 0.1, "critique.timeout_s": 5,
                          "critique.max_failed_fraction": 1.0})  # fmt: skip

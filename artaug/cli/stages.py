@@ -87,15 +87,16 @@ def _into_run(stage_is_out: bool = False):
     return wrap
 
 
-def _write_config(cfg, out: str) -> None:
+def _write_config(cfg, out: str, just_written: bool = False) -> None:
     """OUT/run.yaml, except inside a run directory (the run's own run.yaml stays its truth) or where
-    OUT holds a completed stage (its marker covers the run.yaml written with it)."""
+    OUT holds a completed stage (its marker covers the run.yaml written with it) that this command
+    did not just write."""
     from artaug import storage
     from artaug.config import to_yaml
     from artaug.runlock import find_run_dir
 
     run_dir = find_run_dir(out)
-    if run_dir is not None or storage.is_complete(out):
+    if run_dir is not None or (storage.is_complete(out) and not just_written):
         why = f"inside the run directory {run_dir}" if run_dir else "a completed stage"
         log.info("%s: run.yaml left as it is (%s)", out, why)
         return
@@ -184,8 +185,11 @@ def cmd_train(args) -> int:
 
     cfg = load(args)
     pairs, out = storage.absolute(args.pairs), storage.absolute(args.out)
-    _write_config(cfg, out)
+    if not args.overwrite:  # --overwrite clears OUT, run.yaml included: written again below
+        _write_config(cfg, out)
     s = train(cfg, pairs, out, round_index=args.round, overwrite=args.overwrite)
+    if args.overwrite:
+        _write_config(cfg, out, just_written=True)
     cache = s["cache"]
     skipped = ", ".join(f"{n} {reason}" for reason, n in cache["skipped"].items()) or "none"
     restarts = ", ".join(str(r["from_step"]) for r in s["restarts"]) or "none"
