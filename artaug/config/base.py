@@ -74,7 +74,8 @@ _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 def _folder_name(value: str) -> str:
     if not _FOLDER_NAME.match(value):
-        raise Invalid("must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit", value)
+        rule = "must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        raise Invalid(rule, value)
     return value
 
 
