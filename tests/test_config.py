@@ -198,6 +198,13 @@ def test_legacy_resource_keys_are_read_with_a_warning(tmp_path, caplog):
         load_config(path=str(path))
 
 
+def test_the_old_rewritten_prompt_switch_becomes_the_global_prompt_choice(tmp_path):
+    path = tmp_path / "old-run.yaml"
+    path.write_text("enhance:\n  use_rewritten_prompt: true\n")
+    assert load_config(path=str(path)).enhance.global_prompt == "rewritten"
+    assert load_config(overrides=["enhance.use_rewritten_prompt=false"]).enhance.global_prompt == "original"
+
+
 def test_bad_node_labels_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match=re.escape("train.resources.node_labels[1]: 'bad label'")):
         load_config(overrides=["train.resources.node_labels=zone=a,bad label"])

@@ -39,6 +39,10 @@ RENAMED = {
     "serve.torch_threads": "serve.resources.torch_threads",
     "serve.node_labels": "serve.resources.node_labels",
 }
+# Old keys whose value changed form too: old key -> (new key, old value -> new value).
+REPLACED = {
+    "enhance.use_rewritten_prompt": ("enhance.global_prompt", lambda on: "rewritten" if on else "original"),
+}
 
 
 def load_config(
@@ -90,6 +94,10 @@ def _build(tree: dict) -> RunConfig:
 
 
 def _set(tree: dict, key: str, value: Any, where: str) -> None:
+    if key in REPLACED:
+        new, convert = REPLACED[key]
+        log.warning("%s: %s is now %s; please use the new name", where, key, new)
+        key, value = new, convert(value)
     if key in RENAMED:
         log.warning("%s: %s is now %s; please use the new name", where, key, RENAMED[key])
         key = RENAMED[key]
@@ -103,7 +111,14 @@ def _set(tree: dict, key: str, value: Any, where: str) -> None:
 
 
 def _migrate(data: dict, where: str) -> dict:
-    """Move the old flat resource keys of a YAML mapping to their `resources` sub-section."""
+    """Move the old flat resource keys of a YAML mapping to their `resources` sub-section, and
+    translate replaced keys (run.yaml files of earlier versions still load)."""
+    for old, (new, convert) in REPLACED.items():
+        section, flat = old.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and flat in node:
+            log.warning("%s: %s is now %s; please use the new name", where, old, new)
+            node[new.split(".")[1]] = convert(node.pop(flat))
     for old, new in RENAMED.items():
         section, flat = old.split(".")
         node = data.get(section)
