@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from artaug.layout import RunLayout
 from tests.conftest import free_port
@@ -301,14 +301,19 @@ def test_a_run_that_starts_from_a_lora_evaluates_what_serve_serves(tmp_path):
     from artaug.loop.runner import evaluated_models, start
     from artaug.serve.launch import resolve_config
 
+    # Serving reads both files (finite values, checked before Ray starts); their layers do not matter here.
+    tensors = {
+        "transformer.x.lora_A.weight": torch.zeros(1, 2),
+        "transformer.x.lora_B.weight": torch.zeros(2, 1),
+    }
     start_lora = tmp_path / "start.safetensors"
-    start_lora.write_bytes(b"not read here")
+    save_file(tensors, str(start_lora))
     run_dir = str(tmp_path / "run")
     cfg = load_config("tiny", overrides=[f"model.loras={start_lora}"])
     start(cfg, run_dir)
     layout = RunLayout(run_dir)
     os.makedirs(os.path.dirname(layout.combined_lora))
-    open(layout.combined_lora, "wb").close()
+    save_file(tensors, layout.combined_lora)
 
     base, enhanced = evaluated_models(cfg, layout)
     assert base.loras == [str(start_lora)]
