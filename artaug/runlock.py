@@ -1,6 +1,7 @@
-"""One writer per run directory: `artaug run` (new or --resume), `artaug report` and every stage
-command that writes into a run directory hold its lock until they exit; a second writer is refused
-with one line naming the holder (host, pid, since when).
+"""One writer per run directory: `artaug run` (new or --resume) and every stage command that writes
+into a run directory hold its lock until they exit; a second writer is refused with one line naming
+the holder (host, pid, since when). `artaug report` takes none: it only rewrites report/, so it can
+watch a run in progress.
 
 Three kinds, by where the run directory lives (`RunLayout.lock` names the file or object):
 - a local disk: an OS lock (the filelock package) that the kernel drops when its process dies (a
