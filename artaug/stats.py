@@ -57,6 +57,40 @@ def paired(base: Sequence[float], other: Sequence[float], samples: int = 2000, c
     }
 
 
+def clustered(values: Sequence[float], clusters: Sequence, reference: Sequence[float] | None = None,
+              samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:  # fmt: skip
+    """Mean of `values` with a percentile bootstrap interval that resamples whole clusters.
+
+    Several values per cluster (seeds of one prompt) are not independent: resampling values alone
+    would make the interval too narrow, so each bootstrap sample draws clusters with replacement
+    and keeps all their values. With `reference`, the statistic is sum(values) / sum(reference)
+    over the drawn values (e.g. a shift as a fraction of the shift a reference applies to the same
+    images). Values that are not finite are dropped with their reference and counted as missing.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    denominator = np.ones_like(data) if reference is None else np.asarray(reference, dtype=np.float64)
+    keep = np.isfinite(data) & np.isfinite(denominator)
+    labels = np.asarray(list(clusters), dtype=object)[keep]
+    data, denominator = data[keep], denominator[keep]
+    result = {"n": int(data.size), "missing": int(keep.size - data.size), "mean": None, "ci": None}
+    names = list(dict.fromkeys(labels.tolist()))
+    result["clusters"] = len(names)
+    if not names:
+        return result
+    index = {name: i for i, name in enumerate(names)}
+    owner = np.array([index[label] for label in labels])
+    # per-cluster sums: a drawn sample's statistic is a ratio of sums over its drawn clusters
+    top = np.bincount(owner, weights=data, minlength=len(names))
+    bottom = np.bincount(owner, weights=denominator, minlength=len(names))
+    result["mean"] = float(top.sum() / bottom.sum())
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(samples, len(names)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        statistics = top[draws].sum(axis=1) / bottom[draws].sum(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    result["ci"] = _finite_or_none(tuple(np.percentile(statistics, [tail, 100 - tail])))
+    return result
+
+
 def vote(winner: str | None, lora_shown: str) -> int | None:
     """A judgement as a vote for the LoRA image: +1, 0 (tie) or -1; None when it is missing.
 
