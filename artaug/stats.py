@@ -42,12 +42,16 @@ def describe(values: Sequence[float], samples: int = 2000, confidence: float = 0
 
 
 def paired(base: Sequence[float], other: Sequence[float], samples: int = 2000, confidence: float = 0.95,
-           seed: int = 0) -> dict:  # fmt: skip
-    """Both means and the paired difference (other - base) over prompts where both are present."""
+           seed: int = 0, clusters: Sequence | None = None) -> dict:  # fmt: skip
+    """Both means and the paired difference (other - base) over rows where both are present.
+
+    With `clusters` (one label per row, e.g. the prompt of rows that differ only by seed), every
+    interval resamples whole clusters (`clustered`), since rows of one cluster are not independent.
+    """
     a, b = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
     both = np.isfinite(a) & np.isfinite(b)
     difference = b[both] - a[both]
-    return {
+    result = {
         "base": describe(a[both], samples, confidence, seed),
         "lora": describe(b[both], samples, confidence, seed),
         "difference": describe(difference, samples, confidence, seed),
@@ -55,6 +59,12 @@ def paired(base: Sequence[float], other: Sequence[float], samples: int = 2000, c
         "pairs": int(both.sum()),
         "pairs_missing": int((~both).sum()),
     }
+    if clusters is not None:
+        labels = np.asarray(list(clusters), dtype=object)[both]
+        for key, values in (("base", a[both]), ("lora", b[both]), ("difference", difference)):
+            grouped = clustered(values, labels, samples=samples, confidence=confidence, seed=seed)
+            result[key].update(ci=grouped["ci"], clusters=grouped["clusters"])
+    return result
 
 
 def clustered(values: Sequence[float], clusters: Sequence, reference: Sequence[float] | None = None,
@@ -87,7 +97,7 @@ def clustered(values: Sequence[float], clusters: Sequence, reference: Sequence[f
     with np.errstate(divide="ignore", invalid="ignore"):
         statistics = top[draws].sum(axis=1) / bottom[draws].sum(axis=1)
     tail = (1 - confidence) / 2 * 100
-    result["ci"] = _finite_or_none(tuple(np.percentile(statistics, [tail, 100 - tail])))
+    result["ci"] = _finite_or_none(tuple(float(v) for v in np.percentile(statistics, [tail, 100 - tail])))
     return result
 
 
