@@ -1,286 +1,312 @@
-"""The method check: does a LoRA trained on (before, after) pairs move the model's own images toward the
-enhancement, on prompts and seeds it never saw, and how much else does it change?
+"""The method check: does a LoRA trained by `artaug train` on (before, after) pairs move the model's
+own images toward the enhancement, on prompts and seeds it never saw, and how much else changes?
 
-    python benchmarks/method_check.py                      # defaults below, ~6 min on 2 busy cores
-    python benchmarks/method_check.py --seeds 0 --steps 60 # a quick look
+    python benchmarks/method_check.py                 # world preset, 5 seeds, ~1 h on 2 idle cores
+    python benchmarks/method_check.py --quick         # 1 seed, few prompts: a look, or a debug run
+    python benchmarks/method_check.py --preset tiny --set model.source=DIR --critic heuristic  # other models
 
-Set-up (all tiny, all on CPU, nothing downloaded):
-- Base model: the tiny FLUX with the colour-preserving patch autoencoder (models/patch_vae.py), its
-  transformer pretrained on drawn shapes ("a red circle on blue"), built once and cached. Measured in
-  pixels: through this autoencoder a per-channel gain on the pixels is a per-channel gain on the
-  latents, so a shift learnt in latent space shows in pixels (a random AutoencoderKL shows ~0).
-- Pairs: the base model's own samples for 16 training prompts x 2 seeds are the before images; the
-  after image is a known photometric enhancement of each (brighter and warmer: artaug.photometric,
-  exposure and colour temperature +0.16), encoded with the same autoencoder.
-- Modes: differential (LoRA-1 on before, fused; LoRA-2 on after from the merged model, kept), direct
-  (LoRA on after only), pairwise-average (differential on K disjoint subsets, LoRA-2 deltas averaged
-  with artaug.lora.algebra.combine). Trained in this process with the training loop's objective
-  (artaug.models.flow_matching) and peft, not through Ray Train + DeepSpeed: many short runs, and the
-  method, not the distribution, is what is measured here. LoRA-1 is fused with the production
-  fuse_into_transformer from its saved file.
-- Held-out: 8 other prompts x 4 other seeds, sampled by the base model and by base + LoRA-2 with the
-  same noise. Transfer = shift of the statistic (mean brightness; warmth = mean R - mean B) as a
-  fraction of the shift the enhancement itself applies to the base images (1 = the full enhancement).
-  Content change = RMS pixel error (0..255) between base + LoRA and base images after removing each
-  image's global colour shift (a per-channel gain and offset fitted by least squares).
+Everything goes through the production path: training is `artaug train --pairs PAIRS --preset P
+--set train.seed=S --set train.mode=M` (Ray Train + DeepSpeed, the preset's guidance, targets, rank,
+learning rate, steps), every call joining one Ray started here; held-out images come from
+`load_pipeline` with `model.loras` and the generate stage's sampler, size, steps and guidance, base
+and base + LoRA from the same noise.
+
+Two enhancements, each turned into a pair folder in the enhance stage's format:
+- photometric: the base model's own samples on the training prompts, the after image brighter and
+  warmer (artaug.photometric, exposure and colour temperature +0.16). Transfer = the LoRA's mean
+  shift of the statistic / the shift the enhancement itself applies to the same held-out base images.
+- stages: `artaug generate` -> `artaug critique` (the world critic) -> `artaug enhance`: the
+  project's own regional enhancement in the miniature world. Measured with the world's scorers.
+
+Variants per training seed: differential, direct, pairwise-average (the preset's subsets), and two
+controls on the same pairs with after := before: LoRA-1 alone (direct on the before images) and a
+null enhancement (differential on after = before). Per held-out image, difference = metric(base +
+LoRA) - metric(base); means with 95% bootstrap intervals clustered by prompt (a prompt's seeds are
+resampled together). Across seeds: the mean of per-seed means, and the interval of the per-image
+differences averaged over seeds. Content error = RMS pixel error (0..255) to the base image after
+removing a per-channel gain and offset (a global colour shift is not content).
+
+Prompts and seeds are fixed here before any result was seen: training on the first TRAIN_PROMPTS
+lines of the world's train prompts (artaug/presets/world_train_prompts.txt) x sample seeds 0, 1;
+held out: the world's evaluation set (world_eval_prompts.jsonl: 48 other prompts x seeds 9001, 9002).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
+from importlib import resources
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import method_world as mw  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from artaug.config import ModelConfig  # noqa: E402
-from artaug.lora.algebra import combine  # noqa: E402
-from artaug.lora.files import save_lora  # noqa: E402
-from artaug.lora.fuse import fuse_into_transformer  # noqa: E402
-from artaug.models.flow_matching import flow_matching_loss  # noqa: E402
-from artaug.models.synthesis import load_pipeline  # noqa: E402
-from artaug.models.tiny import cached_tiny_flux  # noqa: E402
-from artaug.models.tiny_pretrain import all_captions, caption, encode_captions, encode_images  # noqa: E402
-from artaug.photometric import apply_adjustments  # noqa: E402
-from artaug.train.data import mix_seed  # noqa: E402
+from artaug import storage  # noqa: E402
+from artaug.config import load_config  # noqa: E402
+from artaug.stats import clustered  # noqa: E402
 
-ENHANCEMENT = [
-    {"aspect": "exposure", "direction": "increase", "strength": 2},
-    {"aspect": "color_temperature", "direction": "increase", "strength": 2},
-]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+TRAIN_PROMPTS, TRAIN_SEEDS = 32, (0, 1)
+QUICK = {"train_prompts": 8, "heldout_prompts": 8, "seeds": [0]}
+VARIANTS = {  # name -> (train.mode, trained on the null pairs)
+    "differential": ("differential", False),
+    "direct": ("direct", False),
+    "pairwise-average": ("pairwise-average", False),
+    "LoRA-1 alone (control)": ("direct", True),
+    "null enhancement (control)": ("differential", True),
+}
+COLUMNS = {  # what the table shows per enhancement: (metric, label, as a transfer)
+    "photometric": [("brightness", "brightness transfer", True), ("warmth", "warmth transfer", True)],
+    "stages": [("world_quality", "d world_quality", False), ("world_alignment", "d world_alignment", False),
+               ("world_aesthetic", "d world_aesthetic", False), ("measured_quality", "d measured", False)],
+}  # fmt: skip
+log = logging.getLogger("method_check")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cache", default=os.path.expanduser("~/.cache/artaug"), help="tiny model cache folder")
-    p.add_argument("--pretrain-steps", type=int, default=600, help="base transformer pretraining steps")
-    p.add_argument("--train-prompts", type=int, default=16)
-    p.add_argument("--heldout-prompts", type=int, default=8)
-    p.add_argument("--train-seeds", type=int, default=2, help="samples per training prompt")
-    p.add_argument("--heldout-seeds", type=int, default=4, help="samples per held-out prompt")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per phase (LoRA-1, LoRA-2)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--subsets", type=int, default=2, help="K of pairwise-average")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    p.add_argument("--sample-steps", type=int, default=8)
-    p.add_argument("--guidance", type=float, default=3.5, help="for sampling and training")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", help="write the results as JSON here")
-    return p.parse_args()
+    p.add_argument("--preset", default="world")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="passed to every artaug command and to the in-process model loading")  # fmt: skip
+    p.add_argument("--critic", default="world", help="critique.backend of the stages enhancement")
+    p.add_argument("--enhancements", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="train.seed values")
+    p.add_argument("--train-prompts", type=int, default=TRAIN_PROMPTS)
+    p.add_argument("--heldout-prompts", type=int, default=48, help="the first N of the world's eval set")
+    p.add_argument("--quick", action="store_true", help="1 seed, 8 training and 8 held-out prompts")
+    p.add_argument("--work", default="/tmp/artaug-method-check", help="pairs, LoRAs, logs; kept to resume")
+    p.add_argument("--out", default="benchmarks/results", help="folder of the JSON record")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process sampling")
+    args = p.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
+    return args
 
 
-@torch.no_grad()
-def sample(pipe, transformer, text, prompts, seeds, args) -> np.ndarray:
-    """uint8 images (N, 64, 64, 3) of `transformer` in `pipe`, one per (prompt, seed)."""
-    pipe.transformer = transformer
-    images = []
-    for prompt, seed in zip(prompts, seeds, strict=True):
-        embeds, pooled = text[prompt]
-        out = pipe(
-            prompt_embeds=embeds[None],
-            pooled_prompt_embeds=pooled[None],
-            width=64,
-            height=64,
-            num_inference_steps=args.sample_steps,
-            guidance_scale=args.guidance,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
-        ).images[0]
-        images.append(np.round(out * 255).astype(np.uint8))
-    return np.stack(images)
-
-
-def enhance(images: np.ndarray) -> np.ndarray:
-    return np.stack([np.asarray(apply_adjustments(Image.fromarray(im), ENHANCEMENT)[0]) for im in images])
-
-
-def train_phase(transformer, latents, embeds, pooled, rows, steps, seed, phase, args, name):
-    """One LoRA phase on `rows` of the pairs: AdamW, the training loop's flow-matching objective."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    config = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS)
-    torch.manual_seed(mix_seed(seed, phase, 0xADA))
-    transformer.add_adapter(config, adapter_name=name)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    order = np.random.default_rng(mix_seed(seed, phase))
-    generator = torch.Generator().manual_seed(mix_seed(seed, phase, 1))
-    for _ in range(steps):
-        pick = torch.as_tensor(order.choice(rows, size=min(args.batch, len(rows)), replace=False))
-        loss = flow_matching_loss(
-            transformer, latents[pick], embeds[pick], pooled[pick], generator, args.guidance
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-    weights = get_peft_model_state_dict(transformer, adapter_name=name)
-    transformer.unload_lora()  # drop the layers unmerged: phases fuse from the saved file
-    return weights, config
-
-
-def train_differential(base, data, rows, seed, args, folder, tag) -> str:
-    transformer = copy.deepcopy(base)
-    lora1, config = train_phase(
-        transformer, data["before"], *data["text"], rows, args.steps, seed, 0, args, "p1"
-    )
-    path1 = os.path.join(folder, f"{tag}-lora1.safetensors")
-    save_lora(path1, lora1, config, {"lora": "LoRA-1"})
-    fuse_into_transformer(transformer, path1, name="phase1")
-    lora2, config = train_phase(
-        transformer, data["after"], *data["text"], rows, args.steps, seed, 1, args, "p2"
-    )
-    path2 = os.path.join(folder, f"{tag}-lora2.safetensors")
-    save_lora(path2, lora2, config, {"lora": "LoRA-2"})
-    return path2
-
-
-def train_mode(mode, base, data, seed, args, folder) -> str:
-    rows = list(range(len(data["before"])))
-    if mode == "differential":
-        return train_differential(base, data, rows, seed, args, folder, f"diff-{seed}")
-    if mode == "direct":
-        transformer = copy.deepcopy(base)
-        lora, config = train_phase(
-            transformer, data["after"], *data["text"], rows, args.steps, seed, 1, args, "p"
-        )
-        path = os.path.join(folder, f"direct-{seed}.safetensors")
-        save_lora(path, lora, config, {"lora": "direct"})
-        return path
-    k = args.subsets
-    parts = [
-        train_differential(base, data, rows[i::k], seed, args, folder, f"avg{i}-{seed}") for i in range(k)
+def fixed_prompts(args):
+    """(training prompts, sample seeds), (held-out prompts, seeds): chosen before any result."""
+    presets = resources.files("artaug.presets")
+    lines = [line.strip() for line in presets.joinpath("world_train_prompts.txt").read_text().splitlines()]
+    train = [line for line in lines if line][: args.train_prompts]
+    rows = [
+        json.loads(line) for line in presets.joinpath("world_eval_prompts.jsonl").read_text().splitlines()
     ]
-    path = os.path.join(folder, f"average-{seed}.safetensors")
-    combine(parts, path, scales=[1 / k] * k)
-    return path
+    names = list(dict.fromkeys(r["prompt"] for r in rows))[: args.heldout_prompts]
+    held = [r for r in rows if r["prompt"] in names]
+    assert not set(train) & set(names), "held-out prompts must not be trained on"
+    jobs = [(f"t{i:03d}-s{s}", p, s) for i, p in enumerate(train) for s in TRAIN_SEEDS]
+    return jobs, ([r["prompt"] for r in held], [r["seed"] for r in held])
 
 
-def stats(images: np.ndarray) -> dict[str, np.ndarray]:
-    x = images.astype(np.float64)
-    return {"brightness": x.mean(axis=(1, 2, 3)), "warmth": x[..., 0].mean((1, 2)) - x[..., 2].mean((1, 2))}
+def start_ray() -> str:
+    """One private Ray for the whole check (every artaug command joins it); it stops with us."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=2**30, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # fmt: skip
+    # joined over loopback: the commands then see one machine's disk (a node IP would read as remote)
+    return "127.0.0.1:" + ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
 
 
-def content_error(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of the RMS error to `reference` after a per-channel gain + offset fit."""
-    errors = []
-    for im, ref in zip(images.astype(np.float64), reference.astype(np.float64), strict=True):
-        residual = []
-        for c in range(3):
-            a = np.stack([im[..., c].ravel(), np.ones(im[..., c].size)], axis=1)
-            coef, *_ = np.linalg.lstsq(a, ref[..., c].ravel(), rcond=None)
-            residual.append(ref[..., c].ravel() - a @ coef)
-        errors.append(np.sqrt(np.mean(np.square(residual))))
-    return float(np.mean(errors))
+def photometric_pairs(cfg, work: str, jobs) -> str:
+    folder = os.path.join(work, "photometric", "pairs")
+    if not storage.is_complete(folder):
+        ids, prompts, seeds = zip(*jobs, strict=True)
+        before = mw.sample_images(cfg, [], list(prompts), list(seeds))
+        rows = [
+            mw.pair_row(cfg, *job, b, a)
+            for job, b, a in zip(jobs, before, mw.photometric(before), strict=True)
+        ]
+        mw.write_pairs(folder, rows, "benchmarks/method_check.py (photometric)")
+    return folder
 
 
-def measure(images, base_images, target_images) -> dict:
-    got, base, target = stats(images), stats(base_images), stats(target_images)
-    out = {f"{k}_transfer": float((got[k] - base[k]).mean() / (target[k] - base[k]).mean()) for k in got}
-    out["content_error"] = content_error(images, base_images)
+def stage_pairs(prod: mw.Production, args, work: str, jobs) -> str:
+    root = os.path.join(work, "stages")
+    os.makedirs(root, exist_ok=True)
+    prompts = os.path.join(root, "prompts.jsonl")
+    with open(prompts, "w") as f:
+        f.writelines(json.dumps({"prompt_id": i, "prompt": p, "seed": s}) + "\n" for i, p, s in jobs)
+    steps = [
+        ("generate", ("--prompts", prompts), ()),
+        ("critique", ("--images", f"{root}/generate"), (f"critique.backend={args.critic}",)),
+        ("enhance", ("--images", f"{root}/generate", "--critiques", f"{root}/critique"), ()),
+    ]
+    for name, inputs, sets in steps:
+        if not storage.is_complete(os.path.join(root, name)):
+            prod.run(name, f"stages-{name}", *inputs, "--out", root, "--overwrite", sets=sets)
+    return os.path.join(root, "enhance")
+
+
+def pair_effect(pairs: str, scores) -> dict:
+    """What the enhancement itself does to its trainable training pairs: after - before per metric."""
+    everything = mw.read_rows(pairs)
+    rows = [r for r in everything if mw.exclusion(r) is None]
+    if not rows:
+        raise SystemExit(f"{pairs}: no pair to train on (every row is unchanged or an error)")
+    prompts = [r["prompt"] for r in rows]
+    before = np.stack([mw.decode(r["before"]) for r in rows])
+    after = np.stack([mw.decode(r["after"]) for r in rows])
+    a, b = mw.metrics(before, prompts, scores), mw.metrics(after, prompts, scores)
+    out = {k: clustered(b[k] - a[k], prompts) for k in a}
+    out["content_error"] = clustered(mw.content_error(after, before), prompts)
+    return {"rows": len(rows), "of": len(everything), **out}
+
+
+def differences(images, base_images, base_metrics, prompts, scores) -> dict[str, list[float]]:
+    """Per held-out image: metric(images) - metric(base), and the content error to the base."""
+    got = mw.metrics(images, prompts, scores)
+    out = {k: (got[k] - base_metrics[k]).tolist() for k in got}
+    out["content_error"] = mw.content_error(images, base_images).tolist()
     return out
 
 
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.3f} ± {sd:.3f}"
+def summarise(per_seed: dict, prompts, shift: dict) -> dict:
+    """Per seed: mean and clustered interval of each per-image difference; across seeds: the mean of
+    the per-seed means, their SD, and the interval of the per-image differences averaged over seeds."""
+    out = {"per_seed": {}, "pooled": {}}
+    for seed, record in per_seed.items():
+        figures = {m: clustered(v, prompts, reference=shift.get(m)) for m, v in record["differences"].items()}
+        out["per_seed"][seed] = {**figures, "train_seconds": record["train_seconds"], "lora": record["lora"]}
+    for m in next(iter(per_seed.values()))["differences"]:
+        means = [out["per_seed"][s][m]["mean"] for s in per_seed]
+        averaged = np.mean([per_seed[s]["differences"][m] for s in per_seed], axis=0)
+        spread = statistics.stdev(means) if len(means) > 1 else None
+        pooled = clustered(averaged, prompts, reference=shift.get(m))
+        out["pooled"][m] = {**pooled, "seed_means": means, "seed_sd": spread}
+    out["train_seconds"] = statistics.mean(r["train_seconds"] for r in per_seed.values())
+    return out
+
+
+def cell(figure: dict, width: int = 26) -> str:
+    if figure.get("mean") is None:
+        return f"{'n/a':>{width}s}"
+    ci = figure.get("ci") or [float("nan")] * 2
+    return f" {figure['mean']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]".rjust(width)
+
+
+def table(results: dict) -> str:
+    lines = []
+    for name, record in results.items():
+        columns = [c for c in COLUMNS[name] if c[0] in record["reference"]]
+        columns.append(("content_error", "content error", False))
+        lines.append(f"\n{name} enhancement ({record['pairs']} pairs; mean [95% CI clustered by prompt])")
+        lines.append(f"{'':30s}" + "".join(f"{label:>26s}" for _, label, _ in columns) + f"{'train s':>9s}")
+        reference = "".join(cell(record["reference"][m]) for m, _, _ in columns)
+        lines.append(f"{'the enhancement (reference)':30s}{reference}")
+        for variant, summary in record["variants"].items():
+            row = "".join(cell(summary["pooled"][m]) for m, _, _ in columns)
+            lines.append(f"{variant:30s}{row}{summary['train_seconds']:>9.0f}")
+    return "\n".join(lines)
+
+
+def run_enhancement(name: str, pairs: str, context, state: dict, state_path: str) -> dict:
+    """Every variant x training seed on this enhancement's pairs (finished ones resumed from state)."""
+    cfg, prod, args, held, base, scores = context
+    prompts, seeds = held
+    null = os.path.join(args.work, name, "pairs-null")
+    if not storage.is_complete(null):
+        mw.write_pairs(null, mw.null_rows(mw.read_rows(pairs)), f"method_check (null of {name})")
+    effect = pair_effect(pairs, scores)
+    reference, shift = effect, {}
+    if name == "photometric":  # the enhancement applied to the held-out base images themselves
+        applied = differences(
+            mw.photometric(base["images"]), base["images"], base["metrics"], prompts, scores
+        )
+        shift = {k: applied[k] for k in ("brightness", "warmth")}
+        reference = {k: clustered(v, prompts, reference=shift.get(k)) for k, v in applied.items()}
+    record = {"pairs": effect["rows"], "pairs_effect": effect, "reference": reference, "variants": {}}
+    for variant in args.variants:
+        mode, on_null = VARIANTS[variant]
+        runs = state.setdefault(name, {}).setdefault(variant, {})
+        for seed in args.seeds:
+            if str(seed) in runs:
+                continue
+            out = os.path.join(args.work, name, f"{mode}{'-null' if on_null else ''}-seed{seed}")
+            lora, seconds, _ = prod.train(null if on_null else pairs, out, seed, mode)
+            images = mw.sample_images(cfg, [lora], prompts, seeds)
+            got = differences(images, base["images"], base["metrics"], prompts, scores)
+            runs[str(seed)] = {"lora": lora, "train_seconds": round(seconds, 1), "differences": got}
+            mw.save_json(state_path, state)
+            means = {k: round(float(np.mean(v)), 4) for k, v in got.items()}
+            log.info("%s / %s / seed %d: %s", name, variant, seed, means)
+        record["variants"][variant] = summarise({s: runs[str(s)] for s in args.seeds}, prompts, shift)
+    return record
+
+
+def check_resume(state: dict, args) -> None:
+    """A work folder resumes only the same check: results of other settings are never mixed in."""
+    settings = {k: vars(args)[k] for k in ("preset", "sets", "critic", "train_prompts", "heldout_prompts")}
+    if state.setdefault("settings", settings) != settings:
+        raise SystemExit(
+            f"{args.work} holds a check with other settings {state['settings']}; use another --work"
+        )
+
+
+def footer(args, cfg, jobs, held, load_start, seconds) -> str:
+    load_end = os.getloadavg()
+    return (
+        f"preset {args.preset} {' '.join(args.sets)}; train.seed {args.seeds}; {len(jobs)} training images;"
+        f" {len(held[0])} held-out images ({len(set(held[0]))} prompts); train: {cfg.train.steps} steps"
+        f" per phase, rank {cfg.train.rank}, lr {cfg.train.learning_rate}, guidance {cfg.train.guidance};"
+        f" load average {load_start[0]:.2f} -> {load_end[0]:.2f} on {os.cpu_count()} cores; {seconds:.0f} s"
+    )
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    folder = cached_tiny_flux(args.cache, seed=0, vae="patch", pretrain_steps=args.pretrain_steps)
-    build_seconds = time.perf_counter() - started
-    pipe = load_pipeline(ModelConfig(source=folder, device="cpu"))
-    base = pipe.transformer
-    combos = all_captions()
-    order = np.random.default_rng(7).permutation(len(combos))
-    prompts = [caption(*combos[i]) for i in order[: args.train_prompts + args.heldout_prompts]]
-    train_prompts, heldout = prompts[: args.train_prompts], prompts[args.train_prompts :]
-    text = encode_captions(pipe, prompts)
-
-    pair_prompts = [p for p in train_prompts for _ in range(args.train_seeds)]
-    pair_seeds = [s for _ in train_prompts for s in range(args.train_seeds)]
-    before = sample(pipe, base, text, pair_prompts, pair_seeds, args)
-    after = enhance(before)
-    data = {
-        "before": encode_images(pipe, before),
-        "after": encode_images(pipe, after),
-        "text": (
-            torch.stack([text[p][0] for p in pair_prompts]),
-            torch.stack([text[p][1] for p in pair_prompts]),
-        ),
-    }
-    eval_prompts = [p for p in heldout for _ in range(args.heldout_seeds)]
-    eval_seeds = [1000 + s for _ in heldout for s in range(args.heldout_seeds)]
-    base_images = sample(pipe, base, text, eval_prompts, eval_seeds, args)
-    target_images = enhance(base_images)
-    other_seed = sample(pipe, base, text, eval_prompts, [s + 500 for s in eval_seeds], args)
-    reference = {
-        "enhancement itself": measure(target_images, base_images, target_images),
-        "base, other seeds": measure(other_seed, base_images, target_images),
-    }
-
-    results: dict[str, list[dict]] = {m: [] for m in ("differential", "direct", "pairwise-average")}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for mode in results:
-                t0 = time.perf_counter()
-                path = train_mode(mode, base, data, seed, args, tmp)
-                seconds = time.perf_counter() - t0
-                transformer = copy.deepcopy(base)
-                fuse_into_transformer(transformer, path)
-                row = measure(
-                    sample(pipe, transformer, text, eval_prompts, eval_seeds, args),
-                    base_images,
-                    target_images,
-                )
-                results[mode].append({**row, "seed": seed, "train_seconds": round(seconds, 1)})
-                print(
-                    f"seed {seed} {mode:17s} " + " ".join(f"{k} {v:+.3f}" for k, v in row.items()), flush=True
-                )
-
-    columns = ("brightness transfer", "warmth transfer", "content error", "train s")
-    lines = [f"{'':22s} {columns[0]:>20s} {columns[1]:>18s} {columns[2]:>16s} {columns[3]:>8s}"]
-    for name, row in reference.items():
-        lines.append(f"{name:22s} {row['brightness_transfer']:>+20.3f} {row['warmth_transfer']:>+18.3f}"
-                     f" {row['content_error']:>16.2f} {'':>8s}")  # fmt: skip
-    for mode, rows in results.items():
-        cells = [
-            mean_sd([r[k] for r in rows]) for k in ("brightness_transfer", "warmth_transfer", "content_error")
-        ]
-        seconds = statistics.mean(r["train_seconds"] for r in rows)
-        lines.append(f"{mode:22s} {cells[0]:>20s} {cells[1]:>18s} {cells[2]:>16s} {seconds:>8.0f}")
-    table = "\n".join(lines)
-    load = os.getloadavg()
-    print(f"\n{table}\n\n{len(args.seeds)} training seeds {args.seeds}; {len(before)} pairs; "
-          f"{len(eval_prompts)} held-out images; {args.steps} steps/phase, rank {args.rank}, lr {args.lr}; "
-          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores; "
-          f"base build {build_seconds:.0f} s; total {time.perf_counter() - started:.0f} s")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            record = {"args": vars(args), "reference": reference, "results": results, "table": table,
-                      "platform": platform.platform(), "load": load}  # fmt: skip
-            json.dump(record, f, indent=1)
+    started, load_start, uptime_start = time.perf_counter(), os.getloadavg(), uptime()
+    cfg = load_config(args.preset, overrides=args.sets)
+    jobs, held = fixed_prompts(args)
+    os.makedirs(args.work, exist_ok=True)
+    state_path = os.path.join(args.work, "state.json")
+    state = mw.load_state(state_path)
+    check_resume(state, args)
+    prod = mw.Production(args.preset, args.sets, os.path.join(args.work, "logs"), start_ray())
+    scores = mw.WorldScores(cfg)
+    base_images = mw.sample_images(cfg, [], *held)
+    base = {"images": base_images, "metrics": mw.metrics(base_images, held[0], scores)}
+    # unpaired: what other seeds of the same prompts change, the scale that paired differences avoid
+    other = mw.sample_images(cfg, [], held[0], [s + 500 for s in held[1]])
+    unpaired = differences(other, base_images, base["metrics"], held[0], scores)
+    results = {}
+    for name in args.enhancements:
+        if name == "photometric":
+            pairs = photometric_pairs(cfg, args.work, jobs)
+        else:
+            pairs = stage_pairs(prod, args, args.work, jobs)
+        results[name] = run_enhancement(name, pairs, (cfg, prod, args, held, base, scores), state, state_path)
+    text, seconds = table(results), time.perf_counter() - started
+    note = footer(args, cfg, jobs, held, load_start, seconds)
+    print(f"{text}\n\nbase vs other seeds (unpaired): content error {np.mean(unpaired['content_error']):.2f}")
+    print(note)
+    record = {
+        "args": vars(args), "results": results, "table": text, "footer": note,
+        "unpaired_other_seeds": {k: clustered(v, held[0]) for k, v in unpaired.items()},
+        "platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "uptime_start": uptime_start, "uptime_end": uptime(), "seconds": round(seconds),
+        "load_start": load_start, "load_end": os.getloadavg(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    path = os.path.join(args.out, f"method-check-{args.preset}{'-quick' if args.quick else ''}.json")
+    mw.save_json(path, record)
+    print(f"record: {path}")
 
 
 if __name__ == "__main__":
