@@ -87,6 +87,7 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="1 seed, 8 training and 8 held-out prompts")
     p.add_argument("--work", default="/tmp/artaug-method-check", help="pairs, LoRAs, logs; kept to resume")
     p.add_argument("--out", default="benchmarks/results", help="folder of the JSON record")
+    p.add_argument("--report-only", action="store_true", help="no training: the figures of the runs done")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process sampling")
     args = p.parse_args()
     if args.quick:
@@ -203,46 +204,64 @@ def table(results: dict) -> str:
         columns.append(("content_error", "content error", False))
         lines.append(f"\n{name} enhancement ({record['pairs']} pairs; mean [95% CI clustered by prompt])")
         lines.append(f"{'':30s}" + "".join(f"{label:>26s}" for _, label, _ in columns) + f"{'train s':>9s}")
-        reference = "".join(cell(record["reference"][m]) for m, _, _ in columns)
+        reference = "".join(cell(record["reference"].get(m, {})) for m, _, _ in columns)
         lines.append(f"{'the enhancement (reference)':30s}{reference}")
         for variant, summary in record["variants"].items():
-            row = "".join(cell(summary["pooled"][m]) for m, _, _ in columns)
+            row = "".join(cell(summary["pooled"].get(m, {})) for m, _, _ in columns)
             lines.append(f"{variant:30s}{row}{summary['train_seconds']:>9.0f}")
     return "\n".join(lines)
 
 
-def run_enhancement(name: str, pairs: str, context, state: dict, state_path: str) -> dict:
-    """Every variant x training seed on this enhancement's pairs (finished ones resumed from state)."""
+def prepare(name: str, pairs: str, context) -> dict:
+    """The enhancement's null pair folder and its reference figures."""
     cfg, prod, args, held, base, scores = context
-    prompts, seeds = held
+    prompts = held[0]
     null = os.path.join(args.work, name, "pairs-null")
     if not storage.is_complete(null):
         mw.write_pairs(null, mw.null_rows(mw.read_rows(pairs)), f"method_check (null of {name})")
     effect = pair_effect(pairs, scores)
     reference, shift = effect, {}
     if name == "photometric":  # the enhancement applied to the held-out base images themselves
-        applied = differences(
-            mw.photometric(base["images"]), base["images"], base["metrics"], prompts, scores
-        )
+        target = mw.photometric(base["images"])
+        applied = differences(target, base["images"], base["metrics"], prompts, scores)
         shift = {k: applied[k] for k in ("brightness", "warmth")}
         reference = {k: clustered(v, prompts, reference=shift.get(k)) for k, v in applied.items()}
     record = {"pairs": effect["rows"], "pairs_effect": effect, "reference": reference, "variants": {}}
-    for variant in args.variants:
-        mode, on_null = VARIANTS[variant]
-        runs = state.setdefault(name, {}).setdefault(variant, {})
-        for seed in args.seeds:
-            if str(seed) in runs:
-                continue
-            out = os.path.join(args.work, name, f"{mode}{'-null' if on_null else ''}-seed{seed}")
-            lora, seconds, _ = prod.train(null if on_null else pairs, out, seed, mode)
-            images = mw.sample_images(cfg, [lora], prompts, seeds)
-            got = differences(images, base["images"], base["metrics"], prompts, scores)
-            runs[str(seed)] = {"lora": lora, "train_seconds": round(seconds, 1), "differences": got}
-            mw.save_json(state_path, state)
-            means = {k: round(float(np.mean(v)), 4) for k, v in got.items()}
-            log.info("%s / %s / seed %d: %s", name, variant, seed, means)
-        record["variants"][variant] = summarise({s: runs[str(s)] for s in args.seeds}, prompts, shift)
-    return record
+    return {"folders": {False: pairs, True: null}, "shift": shift, "record": record}
+
+
+def train_and_measure(name: str, variant: str, seed: int, folders: dict, context) -> dict:
+    cfg, prod, args, held, base, scores = context
+    mode, on_null = VARIANTS[variant]
+    out = os.path.join(args.work, name, f"{mode}{'-null' if on_null else ''}-seed{seed}")
+    lora, seconds, _ = prod.train(folders[on_null], out, seed, mode)
+    images = mw.sample_images(cfg, [lora], *held)
+    got = differences(images, base["images"], base["metrics"], held[0], scores)
+    means = {k: round(float(np.mean(v)), 4) for k, v in got.items()}
+    log.info("%s / %s / seed %d: %s", name, variant, seed, means)
+    return {"lora": lora, "train_seconds": round(seconds, 1), "differences": got}
+
+
+def run_all(prepared: dict, context, state: dict, state_path: str) -> dict:
+    """Seed by seed (so a stopped check leaves whole seeds), every enhancement and variant; runs
+    finished earlier in this work folder are taken from its state. Summaries of the seeds done."""
+    args = context[2]
+    for seed in [] if args.report_only else args.seeds:
+        for name, prep in prepared.items():
+            for variant in args.variants:
+                runs = state.setdefault(name, {}).setdefault(variant, {})
+                if str(seed) not in runs:
+                    runs[str(seed)] = train_and_measure(name, variant, seed, prep["folders"], context)
+                    mw.save_json(state_path, state)
+    results = {}
+    for name, prep in prepared.items():
+        record = results[name] = prep["record"]
+        for variant in args.variants:
+            runs = state.get(name, {}).get(variant, {})
+            done = {s: runs[str(s)] for s in args.seeds if str(s) in runs}
+            if done:
+                record["variants"][variant] = summarise(done, context[3][0], prep["shift"])
+    return results
 
 
 def check_resume(state: dict, args) -> None:
@@ -264,8 +283,12 @@ def footer(args, cfg, jobs, held, load_start, seconds) -> str:
     )
 
 
+def shell(*command: str) -> str:
+    return subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
+
+
 def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    return shell("uptime")
 
 
 def main() -> None:
@@ -279,20 +302,22 @@ def main() -> None:
     state_path = os.path.join(args.work, "state.json")
     state = mw.load_state(state_path)
     check_resume(state, args)
-    prod = mw.Production(args.preset, args.sets, os.path.join(args.work, "logs"), start_ray())
+    ray_address = None if args.report_only else start_ray()
+    prod = mw.Production(args.preset, args.sets, os.path.join(args.work, "logs"), ray_address)
     scores = mw.WorldScores(cfg)
     base_images = mw.sample_images(cfg, [], *held)
     base = {"images": base_images, "metrics": mw.metrics(base_images, held[0], scores)}
     # unpaired: what other seeds of the same prompts change, the scale that paired differences avoid
     other = mw.sample_images(cfg, [], held[0], [s + 500 for s in held[1]])
     unpaired = differences(other, base_images, base["metrics"], held[0], scores)
-    results = {}
+    context, prepared = (cfg, prod, args, held, base, scores), {}
     for name in args.enhancements:
         if name == "photometric":
             pairs = photometric_pairs(cfg, args.work, jobs)
         else:
             pairs = stage_pairs(prod, args, args.work, jobs)
-        results[name] = run_enhancement(name, pairs, (cfg, prod, args, held, base, scores), state, state_path)
+        prepared[name] = prepare(name, pairs, context)
+    results = run_all(prepared, context, state, state_path)
     text, seconds = table(results), time.perf_counter() - started
     note = footer(args, cfg, jobs, held, load_start, seconds)
     print(f"{text}\n\nbase vs other seeds (unpaired): content error {np.mean(unpaired['content_error']):.2f}")
@@ -300,7 +325,8 @@ def main() -> None:
     record = {
         "args": vars(args), "results": results, "table": text, "footer": note,
         "unpaired_other_seeds": {k: clustered(v, held[0]) for k, v in unpaired.items()},
-        "platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "git": shell("git", "describe", "--always", "--dirty"), "platform": platform.platform(),
+        "cpus": os.cpu_count(), "torch": torch.__version__,
         "uptime_start": uptime_start, "uptime_end": uptime(), "seconds": round(seconds),
         "load_start": load_start, "load_end": os.getloadavg(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip

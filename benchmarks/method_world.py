@@ -178,7 +178,7 @@ class WorldScores:
                 continue
             try:
                 self.scorers.append(build_scorer(name, cfg.scorers, torch.device("cpu")))
-            except ArtaugError as err:  # its weights not built yet
+            except (ArtaugError, RuntimeError) as err:  # its weights not built yet, or being rebuilt
                 log.warning("scorer %s unavailable: %s", name, err)
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
