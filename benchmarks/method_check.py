@@ -1,7 +1,7 @@
 """The method check: does a LoRA trained by `artaug train` on (before, after) pairs move the model's
 own images toward the enhancement, on prompts and seeds it never saw, and how much else changes?
 
-    python benchmarks/method_check.py                 # world preset, 5 seeds, ~1 h on 2 idle cores
+    python benchmarks/method_check.py                 # world preset, 5 seeds, 1.5-2 h on 2 idle cores
     python benchmarks/method_check.py --quick         # 1 seed, few prompts: a look, or a debug run
     python benchmarks/method_check.py --preset tiny --set model.source=DIR --critic heuristic  # other models
 
