@@ -80,7 +80,14 @@ class Production:
         cache = self.caches.get(pairs)
         if cache is not None:
             shutil.copytree(cache, TrainOutput(out).latents)
-        seconds = self.run("train", tag, "--pairs", pairs, "--out", out, sets=sets)
+        try:
+            seconds = self.run("train", tag, "--pairs", pairs, "--out", out, sets=sets)
+        except RuntimeError:
+            if cache is None:
+                raise
+            log.warning("%s: training on the copied latent cache failed; again without it", tag)
+            shutil.rmtree(out, ignore_errors=True)
+            seconds = self.run("train", tag, "--pairs", pairs, "--out", out, sets=sets)
         summary = storage.read_summary(out)
         self.caches.setdefault(pairs, TrainOutput(out).latents)
         return summary["lora"], seconds, summary
