@@ -153,9 +153,9 @@ class SafetyConfig:
 @section
 class FilterConfig:
     aesthetic: Name = "laion_aesthetic"
-    """Score column judged for beauty: a scorer's column (laion_aesthetic, siglip_aesthetic, ...)."""
+    """Score column judged for beauty (laion_aesthetic, siglip_aesthetic, world_aesthetic, ...)."""
     alignment: Name = "clip_score"
-    """Score column judged for faithfulness to the prompt (clip_score or preference)."""
+    """Score column judged for faithfulness to the prompt (clip_score, preference or world_alignment)."""
     delta: Float = -1000.0
     """Accept only if aesthetic(after) - aesthetic(before) >= delta."""
     epsilon: Float = 1000.0

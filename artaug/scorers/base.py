@@ -50,6 +50,10 @@ SCORERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "ImageStats",
         tuple(f"stats_{key}" for key in ("exposure", "contrast", "saturation", "colourfulness", "sharpness")),
     ),
+    # The miniature world's (artaug/world.py): the filter's aesthetic, the evaluation's, alignment.
+    "world_aesthetic": ("artaug.scorers.world", "WorldAesthetic", ("world_aesthetic",)),
+    "world_quality": ("artaug.scorers.world", "WorldQuality", ("world_quality",)),
+    "world_alignment": ("artaug.scorers.world", "WorldAlignment", ("world_alignment",)),
 }
 
 
@@ -99,9 +103,14 @@ def check_scorer_sources(name: str, cfg: ScorersConfig) -> None:
             ("scorers.siglip_head", cfg.siglip_head, True),
         ],
         "image_stats": [],
+        "world_aesthetic": [],
+        "world_quality": [],
+        "world_alignment": [],
     }[name]
     for field_name, source, is_file in needs:
         check_source(field_name, source, is_file)
+    if name in ("world_quality", "world_alignment"):  # shipped weights: present unless a build failed
+        importlib.import_module("artaug.scorers.world").check_weights(name)
 
 
 def check_source(field_name: str, source: str, is_file: bool) -> None:
