@@ -89,7 +89,7 @@ def run_one(args, variant: str, seed: int) -> dict:
         exit_code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
         wall = time.perf_counter() - started
     facts = {"command": " ".join(command), "exit_code": exit_code, "wall_s": round(wall, 1), "log": log,
-             "load_after": list(os.getloadavg())}  # fmt: skip
+             "load_after": list(os.getloadavg()), "git": _git_state()}  # fmt: skip
     with open(timing, "w") as f:
         json.dump(facts, f, indent=2)
     print(f"{name}: exit {exit_code}, {_status(run_dir)}, {wall:.0f} s", flush=True)
@@ -108,6 +108,14 @@ def _locked(path: str | None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _git_state() -> str:
+    """The commit a run measured, "+dirty" when artaug/ had uncommitted changes (runs of one benchmark
+    should share it: a preset or model changed between runs makes them incomparable)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *a: subprocess.run(["git", "-C", repo, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "artaug") else "")
 
 
 def _status(run_dir: str) -> str | None:
@@ -282,6 +290,9 @@ def markdown(runs: list[dict], figures: dict) -> str:
         per_seed = "; ".join(f"seed {s}: {_ci(x)}" for s, x in c["world_quality"]["per_seed"].items())
         gap = c["bases_max_abs_difference"]
         lines.append(f"\n{name}, aesthetic per seed: {per_seed}; largest |base score difference| {gap}")
+    states = sorted({r["git"] for r in runs if r.get("git")})
+    if len(states) > 1:
+        lines.append(f"\nWarning: the runs measured different code: {', '.join(states)}")
     return "\n".join(lines)
 
 
