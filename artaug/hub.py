@@ -40,6 +40,10 @@ _UNUSED = [
 ]
 
 
+# Model sources artaug builds itself (models/tiny.py, models/world_flux.py): never fetched.
+BUILT_IN_MODELS = ("tiny", "world")
+
+
 def looks_local(source: str) -> bool:
     """A path (absolute, relative with ./ or ../, ~, existing, or deeper than owner/name), not a hub id."""
     return (
@@ -96,7 +100,7 @@ def models_of(cfg: RunConfig) -> list[Fetch]:
     wanted = [
         Fetch("model.source", cfg.model.source, cfg.model.revision or None, ("model_index.json", "*/*"))
     ]
-    if cfg.critique.backend != "heuristic":
+    if cfg.critique.backend in ("vllm", "openai"):
         wanted.append(Fetch("critique.model", cfg.critique.model))
     wanted += [
         Fetch(f"scorers.{name}", getattr(cfg.scorers, name)) for name in ("clip", "siglip", "preference")
@@ -110,7 +114,12 @@ def models_of(cfg: RunConfig) -> list[Fetch]:
         wanted.append(Fetch("evaluate.judge_model", cfg.evaluate.judge_model))
     unique, seen = [], set()
     for item in wanted:
-        if item.repo and item.repo != "tiny" and not looks_local(item.repo) and item.repo not in seen:
+        if (
+            item.repo
+            and item.repo not in BUILT_IN_MODELS
+            and not looks_local(item.repo)
+            and item.repo not in seen
+        ):
             seen.add(item.repo)
             unique.append(item)
     return unique

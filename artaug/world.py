@@ -56,7 +56,7 @@ class Attribute:
         return self.bins[len(self.bins) // 2][0]
 
     def word(self, value: float) -> str:
-        return next(w for w, lo, hi in self.bins if lo <= value < hi)
+        return next((w for w, lo, hi in self.bins if lo <= value < hi), self.bins[-1][0])
 
     def term(self, value: float) -> float:
         return math.exp(-(((value - self.best) / self.width) ** 2))
@@ -222,9 +222,12 @@ def measure(image: np.ndarray, text: str) -> Measurement:
         front, share, dx, dy, box = back, 1.0 / (h * w), 0.0, 0.0, (0.0, 0.0, 1.0, 1.0)
     nominal = np.concatenate([COLOURS[background], COLOURS[colour]]).astype(np.float64)
     observed = np.concatenate([back, front])
+    unclipped = (observed > 1) & (observed < 254)  # a clipped channel says only "at least" or "at most"
+    if unclipped.sum() >= 3 and np.ptp(nominal[unclipped]) > 0:
+        nominal, observed = nominal[unclipped], observed[unclipped]
     b, a = np.polyfit(nominal, observed, 1) if np.ptp(nominal) > 0 else (1.0, 0.0)
-    gain = max((a + GREY * b) / GREY, 1e-3)
-    stretch = max(b / gain, 1e-3)
+    gain = float(np.clip((a + GREY * b) / GREY, 1e-3, 1e3))
+    stretch = float(np.clip(b / gain, 1e-3, 1e3))
     scene = Scene(shape, colour, background, math.log(max(share, 1e-4)), float(dx), float(dy),
                   math.log(gain), float(stretch))  # fmt: skip
     return Measurement(scene, tuple(float(v) for v in box), found)

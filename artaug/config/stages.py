@@ -36,8 +36,10 @@ from artaug.config.sections import Device, Resources, cpu_only
 
 @section
 class CritiqueConfig:
-    backend: Literal["vllm", "openai", "heuristic"] = "vllm"
-    """Critic: "vllm" (batch inference in Ray Data), "openai" (an OpenAI-compatible server) or "heuristic"."""
+    backend: Literal["vllm", "openai", "heuristic", "world", "random", "silent"] = "vllm"
+    """Critic: "vllm" (batch inference in Ray Data), "openai" (an OpenAI-compatible server), or a critic
+    without a model: "heuristic" (pixel statistics), "world" (the miniature world's critic), "random"
+    (its control: random suggestions) or "silent" (asks for nothing)."""
     model: Name = "tiny"
     """VLM: a hub id, a local folder, or "tiny" (a tiny random Qwen2-VL built once into cache_dir)."""
     box_format: Literal["norm1000", "pixels"] = "norm1000"
@@ -186,8 +188,14 @@ class EvaluateConfig:
     """Each image is scaled to this side before the two are composed side by side for the judge."""
     judge_tiny_seed: Int = 1
     """Weights seed of the tiny judge VLM (judge_model "tiny"); differs from the tiny critic's 0."""
+    aesthetic: Text = ""
+    """Score column (of `scorers`) whose gain is the verdict: better when its interval is above 0."""
+    alignment: Text = ""
+    """Score column (of `scorers`) that must hold: its lower bound above -alignment_margin."""
+    alignment_margin: NonNegativeFloat = 0.05
+    """m of the alignment verdict: the largest loss (in the column's units) still counted as held."""
     bootstrap_samples: Count = 1000
-    """Bootstrap resamples behind every confidence interval."""
+    """Bootstrap resamples behind every interval (each resamples whole prompts, all seeds of one)."""
     confidence: Annotated[Float, Field(gt=0, lt=1)] = 0.95
     """Confidence level of the intervals."""
     seed: Int = 0
@@ -272,8 +280,10 @@ class TrainConfig:
 class LoopConfig:
     rounds: Count = 2
     """ArtAug rounds: each trains a LoRA on its filtered pairs, fused into the model of the next round."""
-    prompt_set: Literal["demo", "train"] = "demo"
-    """Shipped prompts used when `prompts` is empty: "demo" (16) or "train" (500, train_prompts.txt)."""
+    prompt_set: Literal["demo", "train", "world"] = "demo"
+    """Shipped prompts used when `prompts` (or `eval_prompts`) is empty: "demo" (16) or "train" (500,
+    train_prompts.txt), both with the shipped held-out eval_prompts.txt; or "world" (the miniature
+    world's 120 training scenes, and its 48 held-out scenes x 2 seeds for the evaluation)."""
     max_prompts: NonNegativeInt = 8
     """Use only the first N prompts of the prompt file in each round (0: all of them)."""
     new_prompts_each_round: Bool = False

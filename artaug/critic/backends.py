@@ -4,7 +4,8 @@ One dispatch serves every task put to an understanding model: the critique stage
 the evaluation's judge task (`artaug.critic.judge`). A task turns a request row into chat messages
 and the JSON schema the answer must follow. Backends:
 
-- heuristic: no model; measures the pixels (critique task only);
+- heuristic, world, random, silent: no model (critique task only): generic pixel statistics, the
+  miniature world's critic and its two controls (`artaug.critic.world_critic`);
 - vllm: batch inference inside Ray Data (`ray.data.llm`), engines started for the dataset;
 - openai: any OpenAI-compatible endpoint, e.g. `artaug critic serve` or the run's warm engine
   (`artaug.critic.engine`), whose URL and key are passed as `endpoint` without touching the user's
@@ -30,8 +31,12 @@ from artaug.critic.openai_backend import Endpoint, OpenAICritic
 from artaug.critic.schema import SCHEMA_VERSION, critique_schema
 from artaug.critic.tiny_vlm import ensure_tiny_vlm
 from artaug.critic.vllm_backend import vllm_answers
+from artaug.critic.world_critic import PIXEL_CRITICS
 from artaug.errors import ArtaugError
 from artaug.images import decode_data_url
+
+# Critics that need no model, by critique.backend.
+MODEL_FREE = {"heuristic": heuristic_critique, **PIXEL_CRITICS}
 
 
 class CriticModelError(ArtaugError, ValueError):
@@ -83,17 +88,20 @@ def ask(
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.5,
         )
-    if cfg.backend == "heuristic":
+    if cfg.backend in MODEL_FREE:
         if task.name != SCHEMA_VERSION:
-            raise CriticModelError(f"the heuristic critic answers critiques only, not {task.name}")
-        return ds.map_batches(_heuristic_answers, batch_format="pyarrow", batch_size=cfg.batch_size)
+            raise CriticModelError(f"the {cfg.backend} critic answers critiques only, not {task.name}")
+        return ds.map_batches(
+            _model_free_answers, fn_kwargs={"backend": cfg.backend}, batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+        )  # fmt: skip
     return vllm_answers(ds, cfg, model, task.request)
 
 
-def _heuristic_answers(batch: pa.Table) -> pa.Table:
-    out = []
+def _model_free_answers(batch: pa.Table, backend: str) -> pa.Table:
+    critic, out = MODEL_FREE[backend], []
     for row in batch.to_pylist():
         start = time.perf_counter()
-        raw = json.dumps(heuristic_critique(decode_data_url(row["image_url"]), row["prompt"]))
-        out.append(answer_row(row, raw, None, time.perf_counter() - start, "heuristic"))
+        raw = json.dumps(critic(decode_data_url(row["image_url"]), row["prompt"]))
+        out.append(answer_row(row, raw, None, time.perf_counter() - start, backend))
     return pa.Table.from_pylist(out, schema=ANSWER)
