@@ -78,7 +78,8 @@ class HubConfig:
 @section
 class ModelConfig:
     source: Name = "tiny"
-    """Synthesis model: a hub id, a local folder saved by save_pretrained, or "tiny" (built in memory)."""
+    """Synthesis model: a hub id, a local folder saved by save_pretrained, "tiny" (random, built in memory)
+    or "world" (the miniature world's pretrained model, shipped with artaug)."""
     revision: Text = ""
     """Hub revision (commit or tag) to pin; empty means the default branch."""
     loras: Texts = field(default_factory=list)

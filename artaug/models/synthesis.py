@@ -1,9 +1,10 @@
 """The synthesis model (a FLUX pipeline): which weights a run means, and loading them.
 
-`source` is a hub id, a local folder written by save_pretrained, or "tiny". A local folder is read
-with local_files_only, so it never touches the network; a missing one fails before Ray starts
-(`check_source`), naming the path. The LoRAs of `ModelConfig.loras` are fused in order on load:
-`model_of_round` and `enhanced_model` are the one definition of which LoRAs a model carries.
+`source` is a hub id, a local folder written by save_pretrained, "tiny" or "world" (built in code). A
+local folder is read with local_files_only, so it never touches the network; a missing one fails
+before Ray starts (`check_source`), naming the path. The LoRAs of `ModelConfig.loras` are fused in
+order on load: `model_of_round` and `enhanced_model` are the one definition of which LoRAs a model
+carries.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 import artaug.models.patch_vae  # noqa: F401  (diffusers resolves the tiny patch VAE's class from imported modules)
 from artaug.config import ModelConfig
 from artaug.errors import ArtaugError
-from artaug.hub import looks_local
+from artaug.hub import BUILT_IN_MODELS, looks_local
 from artaug.lora.fuse import fuse_into_pipeline, fuse_into_transformer, lora_layers
 from artaug.models.tiny import build_tiny_flux
+from artaug.models.world_flux import build_world_flux
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,7 +44,7 @@ def enhanced_model(model: ModelConfig, combined: str) -> ModelConfig:
 
 def check_source(cfg: ModelConfig) -> None:
     """Fail fast, before any worker starts, on a missing local model folder or LoRA file."""
-    if cfg.source != "tiny" and looks_local(cfg.source):
+    if cfg.source not in BUILT_IN_MODELS and looks_local(cfg.source):
         folder = os.path.expanduser(cfg.source)
         if not os.path.isdir(folder):
             raise ModelSourceError(f"model.source: folder {folder!r} does not exist")
@@ -78,8 +80,9 @@ def _from_source(cls, cfg: ModelConfig, dtype: torch.dtype, **kwargs):
     return cls.from_pretrained(cfg.source, dtype=dtype, revision=cfg.revision or None, **kwargs)
 
 
-def _tiny_pipeline(cfg: ModelConfig, dtype: torch.dtype):
-    pipe = build_tiny_flux(cfg.tiny_seed)
+def _built_in_pipeline(cfg: ModelConfig, dtype: torch.dtype):
+    """The "tiny" random pipeline or the miniature world's pretrained one, built in memory."""
+    pipe = build_world_flux() if cfg.source == "world" else build_tiny_flux(cfg.tiny_seed)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
@@ -88,7 +91,11 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
     check_source(cfg)
     device = device or pick_device(cfg)
     dtype = pick_dtype(cfg, device)
-    pipe = _tiny_pipeline(cfg, dtype) if cfg.source == "tiny" else _from_source(FluxPipeline, cfg, dtype)
+    pipe = (
+        _built_in_pipeline(cfg, dtype)
+        if cfg.source in BUILT_IN_MODELS
+        else _from_source(FluxPipeline, cfg, dtype)
+    )
     fuse_into_pipeline(pipe, cfg.loras, cfg.lora_scale)
     return _ready(pipe, device)
 
@@ -98,8 +105,8 @@ def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
     check_source(cfg)
     device = device or pick_device(cfg)
     dtype = pick_dtype(cfg, device)
-    if cfg.source == "tiny":
-        pipe = _tiny_pipeline(cfg, dtype)
+    if cfg.source in BUILT_IN_MODELS:
+        pipe = _built_in_pipeline(cfg, dtype)
         pipe.transformer = None
     else:
         pipe = _from_source(FluxPipeline, cfg, dtype, transformer=None)
@@ -109,8 +116,8 @@ def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
 def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     """The FLUX transformer alone, with cfg.loras fused in order: the base a training round starts from."""
     check_source(cfg)
-    if cfg.source == "tiny":
-        transformer = build_tiny_flux(cfg.tiny_seed).transformer
+    if cfg.source in BUILT_IN_MODELS:
+        transformer = _built_in_pipeline(cfg, torch.float32).transformer
     else:
         transformer = _from_source(FluxTransformer2DModel, cfg, dtype, subfolder="transformer")
     if transformer.dtype != dtype:  # (a no-op cast still warns about modules kept in float32)

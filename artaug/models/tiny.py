@@ -86,6 +86,23 @@ def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
         use_post_quant_conv=False,
     )
     clip_tokenizer = char_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
+    t5_tokenizer = char_tokenizer(eos="</s>", pad="<pad>", unk="<unk>")
+    text_encoder, text_encoder_2 = text_encoders(clip_tokenizer, t5_tokenizer)
+    if vae == "patch":
+        autoencoder = PatchAutoencoder(scaling_factor=0.25)  # flat colours: DC latents within about +-2
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+        vae=autoencoder.eval(),
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer.eval(),
+    )
+
+
+def text_encoders(clip_tokenizer, t5_tokenizer) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """The tiny CLIP and T5 text encoders for these tokenizers, drawn from torch's current RNG state."""
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
@@ -100,7 +117,6 @@ def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
             pad_token_id=clip_tokenizer.pad_token_id,
         )
     )
-    t5_tokenizer = char_tokenizer(eos="</s>", pad="<pad>", unk="<unk>")
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tokenizer),
@@ -114,26 +130,27 @@ def build_tiny_flux(seed: int = 0, vae: str = "kl") -> FluxPipeline:
             eos_token_id=t5_tokenizer.eos_token_id,
         )
     )
-    if vae == "patch":
-        autoencoder = PatchAutoencoder(scaling_factor=0.25)  # flat colours: DC latents within about +-2
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
-        vae=autoencoder.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=clip_tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=t5_tokenizer,
-        transformer=transformer.eval(),
-    )
+    return text_encoder.eval(), text_encoder_2.eval()
 
 
-def char_tokenizer(eos: str, pad: str, bos: str | None = None, unk: str = "<unk>"):
-    """A character-level fast tokenizer; BOS/EOS are added as CLIP and T5 expect."""
+def char_tokenizer(eos: str, pad: str, bos: str | None = None, unk: str = "<unk>", words=None):
+    """A character-level fast tokenizer; BOS/EOS are added as CLIP and T5 expect.
+
+    With `words`, a word-level one instead: each of those words (and each punctuation mark) is one
+    token, anything else is unknown (the miniature world's model reads its vocabulary this way).
+    """
     specials = list(dict.fromkeys(t for t in (bos, eos, pad, unk) if t))
-    vocab = {token: i for i, token in enumerate(specials + list(CHARACTERS))}
+    pieces = list(CHARACTERS) if words is None else [*dict.fromkeys(words), *string.punctuation]
+    vocab = {token: i for i, token in enumerate(specials + pieces)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    core.decoder = decoders.Fuse()
+    if words is None:
+        core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        core.decoder = decoders.Fuse()
+    else:
+        core.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+        )
+        core.decoder = decoders.WordPiece()
     single = f"{bos} $A {eos}" if bos else f"$A {eos}"
     core.post_processor = TemplateProcessing(
         single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t]
