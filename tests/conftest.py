@@ -85,3 +85,10 @@ def tiny_config(**overrides):
     from artaug.config import load_config
 
     return load_config("tiny", overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def world_config(**overrides):
+    """The world preset (the miniature world, the commands' default) with `section.field=value` overrides."""
+    from artaug.config import load_config
+
+    return load_config("world", overrides=[f"{k}={v}" for k, v in overrides.items()])

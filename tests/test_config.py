@@ -68,6 +68,18 @@ def test_tiny_is_the_default_preset():
     assert cfg.ray.address == "local"
 
 
+def test_commands_start_from_the_world_preset():
+    from artaug.cli import build_parser
+    from artaug.cli.options import load
+
+    args = build_parser().parse_args(["generate", "--prompts", "p.txt", "--out", "o"])
+    cfg = load(args)
+    assert cfg.preset == "world" and cfg.model.source == "world" and cfg.critique.backend == "world"
+    assert cfg.filter.delta > 0 and cfg.loop.min_acceptance_rate > 0  # the gates are on
+    args = build_parser().parse_args(["generate", "--prompts", "p.txt", "--out", "o", "--preset", "tiny"])
+    assert load(args) == load_config("tiny")
+
+
 def test_flux_dev_preset():
     cfg = load_config("flux-dev")
     assert cfg.model.source == "black-forest-labs/FLUX.1-dev"

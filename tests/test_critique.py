@@ -19,7 +19,7 @@ from artaug.images import decode_image
 from artaug.rows import GENERATE
 from artaug.stages.contract import read_stage
 from artaug.stages.critique import critique
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, world_config
 
 CORRUPT_ID = "corrupt"
 SERVER_KEY = "test-critic-key"
@@ -32,9 +32,10 @@ def images(ray_local, tmp_path_factory) -> str:
     from artaug.stages.generate import generate
 
     folder = tmp_path_factory.mktemp("crit-in")
-    (folder / "p.txt").write_text("\n".join(f"a quiet harbour, view {i}" for i in range(6)) + "\n")
+    scenes = ["a red circle on blue", "an orange square on white", "a black triangle on yellow"]
+    (folder / "p.txt").write_text("\n".join(scenes * 2) + "\n")
     stage = str(folder / "generate")
-    generate(tiny_config(**{"generate.num_actors": 1}), read_prompts(str(folder / "p.txt")), stage)
+    generate(world_config(**{"generate.num_actors": 1}), read_prompts(str(folder / "p.txt")), stage)
     extra = [
         {"prompt_id": CORRUPT_ID, "prompt": "broken", "seed": 1, "round": 1, "image": b"\x89PNG garbage"},
         {"prompt_id": "failed-gen", "prompt": "nothing", "seed": 2, "round": 1, "error": "OOM"},
@@ -76,8 +77,23 @@ def test_heuristic_backend_via_cli(images, tmp_path, capsys):
     assert storage.read_summary(f"{out}/critique")["failed"] == 2
 
 
+def test_world_critic_via_cli_asks_in_the_world_s_words(images, tmp_path, capsys):
+    from artaug import world
+
+    out = str(tmp_path / "w")
+    assert cli(["critique", "--images", images, "--out", out]) == 0  # the world preset's critic
+    assert "8 rows: 6 ok, 0 invalid, 2 failed" in capsys.readouterr().out
+    rows = rows_by_id(f"{out}/critique")
+    assert_every_image_critiqued(rows, "world")
+    notes = [
+        a["note"] for r in rows.values() if r["critique"] for a in json.loads(r["critique"])["adjustments"]
+    ]
+    assert notes and set(notes) <= set(world.MIDDLE.values())
+
+
 def test_vllm_backend_through_ray_data_llm(images, tmp_path):
-    summary = critique(tiny_config(), images, str(tmp_path / "critique"))
+    """The vLLM critic (the tiny random VLM) on the miniature world's pictures."""
+    summary = critique(world_config(**{"critique.backend": "vllm"}), images, str(tmp_path / "critique"))
     rows = rows_by_id(str(tmp_path / "critique"))
     assert_every_image_critiqued(rows, "vllm")
     assert summary["ok"] == 6 and summary["failed"] == 2

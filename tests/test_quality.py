@@ -339,6 +339,37 @@ def test_paired_differences_drop_incomplete_pairs():
     assert 0.5 <= lo <= hi <= 1.0
 
 
+def test_paired_intervals_resample_whole_prompts_when_clusters_are_given():
+    # Two seeds of each prompt that agree: a row bootstrap treats them as independent (too narrow).
+    per_prompt = [0.1, -0.05, 0.2, 0.0, 0.15, -0.1, 0.05, 0.3]
+    base = [0.0] * 16
+    lora = [v for v in per_prompt for _ in range(2)]
+    prompts = [f"p{i}" for i in range(8) for _ in range(2)]
+    rows = stats.paired(base, lora, samples=2000)["difference"]["ci"]
+    grouped = stats.paired(base, lora, samples=2000, clusters=prompts)
+    ci = grouped["difference"]["ci"]
+    assert grouped["difference"]["clusters"] == 8
+    assert ci[1] - ci[0] > 1.2 * (rows[1] - rows[0])
+
+
+def test_evaluation_verdict_needs_an_interval_above_zero_and_alignment_within_the_margin():
+    from artaug.config import load_config
+    from artaug.stages.evaluate.metrics import verdict
+    from artaug.stages.evaluate.presentation import format_table
+
+    cfg = load_config(
+        overrides=["evaluate.aesthetic=q", "evaluate.alignment=a", "evaluate.alignment_margin=0.05"]
+    )
+    scores = {"q": {"difference": {"ci": [0.01, 0.04]}}, "a": {"difference": {"ci": [-0.03, 0.01]}}}
+    got = verdict(cfg, scores)
+    assert got["aesthetic"]["better"] and got["alignment"]["held"]
+    scores = {"q": {"difference": {"ci": [-0.01, 0.04]}}, "a": {"difference": {"ci": [-0.06, 0.01]}}}
+    got = verdict(cfg, scores)
+    assert not got["aesthetic"]["better"] and not got["alignment"]["held"]
+    table = format_table({"confidence": 0.95, "scores": {}, "verdict": got})
+    assert "q NOT shown higher" in table and "a NOT shown held" in table and "judge: off" in table
+
+
 # ---------------------------------------------------------------- the judge's answers
 
 
@@ -393,6 +424,20 @@ def test_shipped_prompt_sets_are_large_varied_and_disjoint():
         assert any(fragment in p for p in train) and any(fragment in p for p in held_out)
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")) as f:
         assert '"presets/*.txt"' in f.read()  # shipped in the wheel, as prompts.txt is
+
+
+def test_the_world_s_held_out_prompts_are_48_scenes_x_2_seeds_apart_from_its_training_prompts():
+    from artaug.config import load_config
+    from artaug.loop.runner import eval_prompts, train_prompts
+
+    cfg = load_config("world")
+    held = eval_prompts(cfg).rows
+    assert len(held) == 96 and {r["seed"] for r in held} == {9001, 9002}
+    scenes = {r["prompt"] for r in held}
+    assert len(scenes) == 48
+    one, two = (train_prompts(cfg, k).rows for k in (1, 2))
+    assert not scenes & {r["prompt"] for r in one + two}
+    assert not {r["prompt"] for r in one} & {r["prompt"] for r in two}  # each round draws new prompts
 
 
 # ---------------------------------------------------------------- the filter stage on Ray

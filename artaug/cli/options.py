@@ -9,6 +9,10 @@ import functools
 from artaug import config
 from artaug.config import RunConfig
 
+# Commands start from the miniature world (artaug/world.py): a run whose images, critiques and scores
+# mean something. The Python API's load_config() starts from the field defaults (the tiny recipe).
+DEFAULT_PRESET = "world"
+
 
 @functools.cache
 def _field_docs() -> dict[str, str]:
@@ -17,7 +21,7 @@ def _field_docs() -> dict[str, str]:
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (local path or URI)")
-    parser.add_argument("--preset", help=f"{' or '.join(config.PRESETS)} (default: tiny)")
+    parser.add_argument("--preset", help=f"{' or '.join(config.PRESETS)} (default: {DEFAULT_PRESET})")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -41,7 +45,7 @@ def load(args: argparse.Namespace) -> RunConfig:
     """The validated config of a command: defaults <- preset <- file <- --set <- alias flags."""
     from artaug.hub import apply  # reaches huggingface_hub: not needed for --help
 
-    cfg = config.load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+    cfg = config.load_config(args.preset, args.config, args.overrides, default_preset=DEFAULT_PRESET)
     values = {
         field: getattr(args, dest) for dest, field in args.aliases.items() if getattr(args, dest) is not None
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from artaug.cli.options import add_config_options, alias, load
+from artaug.cli.options import DEFAULT_PRESET, add_config_options, alias, load
 
 CRITIC_KEY_ENV = "ARTAUG_CRITIC_API_KEY"  # the key `artaug critic serve` requires, when set
 
@@ -42,7 +42,7 @@ def cmd_serve(args) -> int:
         if getattr(args, dest) is not None
     ]
     cfg = resolve_config(run_dir=args.run_dir, lora=args.lora, preset=args.preset, config_path=args.config,
-                         overrides=[*args.overrides, *flags])  # fmt: skip
+                         overrides=[*args.overrides, *flags], default_preset=DEFAULT_PRESET)  # fmt: skip
     serve_locally(cfg)
     return 0
 

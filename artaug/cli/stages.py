@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from importlib import resources
 
 from artaug.cli.options import add_config_options, alias, load
 
@@ -64,7 +63,11 @@ def add_evaluate(commands) -> None:
         "--lora", action="append", default=[], metavar="PATH",
         help="LoRA safetensors added to the base (and its model.loras), in order (repeatable)",
     )  # fmt: skip
-    ev.add_argument("--prompts", help="prompt file (default: the held-out prompts shipped with the package)")
+    ev.add_argument(
+        "--prompts",
+        help="prompt file (default: the config's held-out prompts: loop.eval_prompts or loop.prompt_set's,"
+        " the first loop.eval_max_prompts)",
+    )
     ev.add_argument("--out", required=True, help="output directory (metrics.json, report.txt, plots/)")
     ev.add_argument("--overwrite", action="store_true", help="replace a completed evaluation")
     ev.set_defaults(func=cmd_evaluate)
@@ -205,16 +208,14 @@ def cmd_train(args) -> int:
 @_into_run(stage_is_out=True)
 def cmd_evaluate(args) -> int:
     from artaug import storage
+    from artaug.loop.runner import eval_prompts
     from artaug.models.synthesis import model_of_round
     from artaug.prompts import read_prompts
     from artaug.stages.evaluate import evaluate
 
     cfg = load(args)
-    if args.prompts:
-        prompts = read_prompts(args.prompts, settings=cfg.generate)
-    else:
-        with resources.as_file(resources.files("artaug.presets") / "eval_prompts.txt") as path:
-            prompts = read_prompts(str(path), settings=cfg.generate)
+    # Without --prompts: the held-out prompts a run of this config evaluates on (loop.prompt_set).
+    prompts = read_prompts(args.prompts, settings=cfg.generate) if args.prompts else eval_prompts(cfg)
     enhanced = model_of_round(cfg.model, args.lora)
     evaluate(cfg, prompts, args.out, base=cfg.model, enhanced=enhanced, overwrite=args.overwrite)
     print(storage.read_bytes(storage.join(args.out, "report.txt")).decode(), end="")

@@ -46,14 +46,16 @@ REPLACED = {
 
 
 def load_config(
-    preset: str | None = None, path: str | None = None, overrides: list[str] | tuple = ()
-) -> RunConfig:
+    preset: str | None = None, path: str | None = None, overrides: list[str] | tuple = (),
+    default_preset: str = "tiny",
+) -> RunConfig:  # fmt: skip
     """Defaults <- preset <- YAML file <- `section.field=value` overrides, then validate.
 
-    The preset comes from the argument, else from the file's `preset:` key, else "tiny".
+    The preset comes from the argument, else from the file's `preset:` key, else `default_preset`
+    ("tiny", whose values are the field defaults; the command line passes "world").
     """
     user = _migrate(_read_yaml_file(path), path) if path else {}
-    preset = preset or user.get("preset") or "tiny"
+    preset = preset or user.get("preset") or default_preset
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
     name = f"{preset}.yaml"

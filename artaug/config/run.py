@@ -25,7 +25,7 @@ from artaug.config.stages import (
     TrainConfig,
 )
 
-Preset = Literal["tiny", "flux-dev"]
+Preset = Literal["world", "tiny", "flux-dev"]
 PRESETS: tuple[str, ...] = typing.get_args(Preset)
 
 

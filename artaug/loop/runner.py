@@ -70,8 +70,10 @@ def reopen(run_dir: str, overrides: list[str] = (), record: bool = False) -> tup
     manifest with `record`, which the caller does while holding the run's lock)."""
     layout = RunLayout(run_dir)
     manifest = Manifest.load(run_dir)
-    if manifest.data["status"] == "finished":
-        raise RunDirError(f"{run_dir} has finished; nothing to resume (report: {layout.report_page})")
+    if manifest.data["status"] in ("finished", "stopped"):
+        raise RunDirError(
+            f"{run_dir} has {manifest.data['status']}; nothing to resume (report: {layout.report_page})"
+        )
     try:
         cfg = load_config(path=layout.run_yaml)
     except ConfigError as err:
@@ -92,14 +94,19 @@ def reopen(run_dir: str, overrides: list[str] = (), record: bool = False) -> tup
     return cfg, manifest
 
 
-# The prompt sets shipped with artaug (`loop.prompt_set`), used when `prompts` is empty.
-SHIPPED_PROMPTS = {"demo": "prompts.txt", "train": "train_prompts.txt"}
+# The prompt sets shipped with artaug (`loop.prompt_set`): (training prompts, held-out prompts), used
+# when `prompts` / `loop.eval_prompts` are empty.
+SHIPPED_PROMPTS = {
+    "demo": ("prompts.txt", "eval_prompts.txt"),
+    "train": ("train_prompts.txt", "eval_prompts.txt"),
+    "world": ("world_train_prompts.txt", "world_eval_prompts.jsonl"),
+}
 
 
 def train_prompts(cfg: RunConfig, round_index: int = 1) -> PromptSet:
     """Round k's prompts: the first `loop.max_prompts`, or with `loop.new_prompts_each_round` the k-th
     run of `max_prompts` prompts of the file (wrapping around when the file runs out)."""
-    limit, shipped = cfg.loop.max_prompts, SHIPPED_PROMPTS[cfg.loop.prompt_set]
+    limit, shipped = cfg.loop.max_prompts, SHIPPED_PROMPTS[cfg.loop.prompt_set][0]
     if not (limit and cfg.loop.new_prompts_each_round):
         return _prompts(cfg, cfg.prompts, shipped, limit)
     read = _prompts(cfg, cfg.prompts, shipped, limit * round_index)  # reading stops after round k's
@@ -110,7 +117,8 @@ def train_prompts(cfg: RunConfig, round_index: int = 1) -> PromptSet:
 
 
 def eval_prompts(cfg: RunConfig) -> PromptSet:
-    return _prompts(cfg, cfg.loop.eval_prompts, "eval_prompts.txt", cfg.loop.eval_max_prompts)
+    shipped = SHIPPED_PROMPTS[cfg.loop.prompt_set][1]
+    return _prompts(cfg, cfg.loop.eval_prompts, shipped, cfg.loop.eval_max_prompts)
 
 
 def check_prompts(cfg: RunConfig) -> None:
@@ -157,8 +165,13 @@ class Loop:
             finally:
                 if self.engine is not None:
                     self.engine.close()
-        self.manifest.finish()
+        self.manifest.finish(self._ending)
         return self.manifest.data
+
+    @property
+    def _ending(self) -> str:
+        """ "stopped" when a round's filter stopped the loop (the manifest says why), else "finished"."""
+        return "stopped" if self.manifest.data.get("stopped_early") else "finished"
 
     # ------------------------------------------------------------------ rounds
 
@@ -219,15 +232,15 @@ class Loop:
         return endpoint
 
     def _stop_reason(self, verdict: dict, filter_dir: str) -> str | None:
-        try:
-            eligible_pairs(filter_dir)
-        except PairsError as err:
-            return str(err)
         loop = self.cfg.loop
         rate = verdict.get("acceptance_rate") or 0.0
         gain = verdict.get("mean_aesthetic_gain")
         if rate < loop.min_acceptance_rate:
             return f"acceptance rate {rate:.3f} < loop.min_acceptance_rate {loop.min_acceptance_rate}"
+        try:
+            eligible_pairs(filter_dir)
+        except PairsError as err:
+            return str(err)
         if gain is None or gain < loop.min_aesthetic_gain:
             return f"mean aesthetic gain {gain} < loop.min_aesthetic_gain {loop.min_aesthetic_gain}"
         return None
@@ -247,7 +260,7 @@ class Loop:
                 cfg, eval_prompts(cfg), layout.evaluate, base=base, enhanced=enhanced,
                 judge_endpoint=self._judge_endpoint(), overwrite=False), keep_partial=True)  # fmt: skip
         self._step("final", "report", layout.report, "final",
-                   lambda: write_report(layout.root, status="finished"), redo=True)  # fmt: skip
+                   lambda: write_report(layout.root, status=self._ending), redo=True)  # fmt: skip
 
     def _judge_endpoint(self) -> Callable[[], Endpoint] | None:
         """A warm engine for the judge: the critic's when it is the same model, else one started now

@@ -41,8 +41,9 @@ def resolve_config(
     preset: str | None = None,
     config_path: str | None = None,
     overrides: list[str] | tuple = (),
+    default_preset: str = "tiny",
 ) -> RunConfig:
-    """The resolved config of the model to serve.
+    """The resolved config of the model to serve (`default_preset` as config.load_config has it).
 
     With `run_dir`, settings start from the run's own run.yaml and the model is the run's enhanced
     model (`enhanced_model`: the configured model plus the run's combined LoRA); until the run has a
@@ -58,7 +59,7 @@ def resolve_config(
         if not storage.exists(layout.run_yaml):
             raise ServeSetupError(f"{run_dir} is not a run directory: {layout.run_yaml} does not exist")
         config_path = layout.run_yaml
-    cfg = load_config(preset=preset, path=config_path, overrides=overrides)
+    cfg = load_config(preset, config_path, overrides, default_preset=default_preset)
     apply(cfg.hub)  # before Ray starts here: its workers inherit the setting (artaug.cluster)
     model = cfg.model
     if layout is not None:

@@ -44,10 +44,13 @@ def compute_metrics(cfg: RunConfig, scores: pa.Table, judgements: list[dict] | N
         "bootstrap_samples": cfg.evaluate.bootstrap_samples,
         "scores": {},
     }
+    prompts = [r["prompt"] for r in rows]  # the seeds of one prompt are resampled together
     for column in score_columns(cfg.evaluate.scorers):
         base = [_nan(r[f"{column}_base"]) for r in rows]
         lora = [_nan(r[f"{column}_lora"]) for r in rows]
-        metrics["scores"][column] = stats.paired(base, lora, **opts)
+        metrics["scores"][column] = stats.paired(base, lora, **opts, clusters=prompts)
+    metrics["distinct_prompts"] = len(set(prompts))
+    metrics["verdict"] = verdict(cfg, metrics["scores"])
     if cfg.evaluate.safety:
         metrics["safety"] = {
             label: {
@@ -60,6 +63,21 @@ def compute_metrics(cfg: RunConfig, scores: pa.Table, judgements: list[dict] | N
     if judgements is not None:
         metrics["judge"] = judge_metrics([r["prompt_id"] for r in rows], judgements, opts)
     return metrics
+
+
+def verdict(cfg: RunConfig, scores: dict) -> dict:
+    """Did the enhanced model win on evaluate.aesthetic (interval above 0) while evaluate.alignment held
+    (lower bound above -evaluate.alignment_margin)? Only for the columns configured."""
+    out: dict = {}
+    rule = cfg.evaluate
+    if rule.aesthetic:
+        ci = scores[rule.aesthetic]["difference"]["ci"]
+        out["aesthetic"] = {"column": rule.aesthetic, "ci": ci, "better": bool(ci and ci[0] > 0)}
+    if rule.alignment:
+        ci = scores[rule.alignment]["difference"]["ci"]
+        held = bool(ci and ci[0] > -rule.alignment_margin)
+        out["alignment"] = {"column": rule.alignment, "ci": ci, "margin": rule.alignment_margin, "held": held}
+    return out
 
 
 def _nan(value) -> float:

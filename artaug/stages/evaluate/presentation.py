@@ -8,7 +8,7 @@ IMAGES = ("base", "lora")
 
 
 def write_charts(metrics: dict, folder: str) -> None:
-    level = f"{metrics['confidence']:.0%} bootstrap intervals over {metrics['prompts']} prompts"
+    level = f"{metrics['confidence']:.0%} bootstrap intervals over {metrics['prompts']} images"
     means, differences = [], []
     for column, result in metrics["scores"].items():
         for label in IMAGES:
@@ -51,6 +51,18 @@ def format_table(metrics: dict) -> str:
             f" ({j['unparseable_or_missing_judgements']} judgements unparseable or absent);"
             f" left image picked in {_pct(j['left_share'])} of decisive judgements"
         )
+    verdict = metrics.get("verdict", {})
+    if "aesthetic" in verdict:
+        v = verdict["aesthetic"]
+        shown = "higher" if v["better"] else "NOT shown higher"
+        lines.append(f"verdict: {v['column']} {shown} with base+LoRA ({level} of the difference"
+                     f" {_interval(v['ci'])}, above 0 needed)")  # fmt: skip
+    if "alignment" in verdict:
+        v = verdict["alignment"]
+        lines.append(f"verdict: {v['column']} {'held' if v['held'] else 'NOT shown held'} (lower bound of"
+                     f" {_interval(v['ci'])} above -{v['margin']:g} needed)")  # fmt: skip
+    if "judge" not in metrics:
+        lines.append("MLLM judge: off (evaluate.judge false)")
     lines += [f"warning: {warning}" for warning in metrics.get("warnings", [])]
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ from artaug.stages.contract import StageInputError, read_stage, reusable_summary
 from artaug.stages.evaluate.metrics import IMAGES, compute_metrics, overlap_warnings
 from artaug.stages.evaluate.presentation import format_table, write_charts
 from artaug.stages.generator import generated_images
-from artaug.stages.scoring import check_sources, score_images, scored_schema
+from artaug.stages.scoring import check_sources, score_columns, score_images, scored_schema
 
 log = logging.getLogger(__name__)
 PAIRS = pa.schema(
@@ -56,6 +56,13 @@ def _checks(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConfi
             check_scorer_name(name)
         except ValueError as err:
             raise StageInputError(f"evaluate.scorers: {err}") from None
+    produced = score_columns(cfg.evaluate.scorers)
+    for name in ("aesthetic", "alignment"):
+        column = getattr(cfg.evaluate, name)
+        if column and column not in produced:
+            raise StageInputError(
+                f"evaluate.{name}: {column!r} is not a column of evaluate.scorers ({produced})"
+            )
     check_source(enhanced)
     check_sources(cfg.evaluate.scorers, cfg.scorers, cfg.safety if cfg.evaluate.safety else None)
 
