@@ -177,6 +177,8 @@ def test_regional_stage_via_cli(inputs, tmp_path, capsys):
         inputs,
         "--out",
         out,
+        "--preset",
+        "tiny",  # the inputs are the tiny model's (64x64); the commands' default is the world
         "--set",
         "generate.num_actors=1",
     ]

@@ -142,7 +142,7 @@ def test_cli_generate_reports_errors_and_refuses_to_overwrite(ray_local, tmp_pat
 def test_prompts_from_and_images_to_s3(ray_local, s3_bucket, tmp_path, capsys):
     storage.write_text(f"{s3_bucket}/in/prompts.txt", "a red kite\n\na blue kite\na green kite\n")
     out = f"{s3_bucket}/runs/s3-demo"
-    args = ["generate", "--prompts", f"{s3_bucket}/in/prompts.txt", "--out", out]
+    args = ["generate", "--prompts", f"{s3_bucket}/in/prompts.txt", "--out", out, "--preset", "tiny"]
     assert cli([*args, "--set", "generate.num_actors=1"]) == 0
     assert "3 rows, 3 images, 0 errors" in capsys.readouterr().out
     assert storage.is_complete(f"{out}/generate")

@@ -188,15 +188,32 @@ def test_missing_scorer_weights_fail_at_start_naming_the_path(tmp_path, capsys):
         str(pairs),
         "--out",
         str(tmp_path / "f"),
+        "--preset",
+        "tiny",  # whose filter and evaluation use the LAION and SigLIP heads
         "--set",
         f"scorers.laion_head={missing}",
     ]
     assert cli(args) == 2
     assert missing in capsys.readouterr().err
-    assert cli(["evaluate", "--base", "tiny", "--lora", missing, "--out", str(tmp_path / "e")]) == 2
+    assert (
+        cli(
+            [
+                "evaluate",
+                "--base",
+                "tiny",
+                "--lora",
+                missing,
+                "--out",
+                str(tmp_path / "e"),
+                "--preset",
+                "tiny",
+            ]
+        )
+        == 2
+    )
     assert missing in capsys.readouterr().err  # the LoRA file is checked before anything starts
     args = ["evaluate", "--base", "tiny", "--lora", __file__, "--out", str(tmp_path / "e"),
-            "--set", f"scorers.siglip_head={missing}"]  # fmt: skip
+            "--preset", "tiny", "--set", f"scorers.siglip_head={missing}"]  # fmt: skip
     assert cli(args) == 2 and missing in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
@@ -463,8 +480,17 @@ def test_filter_stage_end_to_end(ray_local, cache, tmp_path, capsys):
     for part in (0, 1):  # two files, as a Ray Data writer leaves them
         pq.write_table(pa.Table.from_pylist(rows[part::2], schema=PAIR), str(pairs / f"part-{part}.parquet"))
     out = str(tmp_path / "out")
-    args = ["filter", "--pairs", str(pairs), "--out", out, "--set", f"scorers.cache_dir={cache}",
-            "--set", "filter.delta=0", "--set", "filter.epsilon=1000"]  # fmt: skip
+    settings = [f"scorers.cache_dir={cache}", "filter.delta=0", "filter.epsilon=1000"]
+    args = [
+        "filter",
+        "--pairs",
+        str(pairs),
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        *sum((["--set", s] for s in settings), []),
+    ]
     assert cli(args) == 0
     printed = capsys.readouterr().out
     assert "6 pairs" in printed and "2 with missing images" in printed
@@ -515,8 +541,21 @@ def test_evaluate_base_vs_lora_end_to_end(ray_local, cache, tmp_path, capsys):
     prompts = tmp_path / "eval.txt"
     prompts.write_text("\n".join(f"a lighthouse at dusk, view {i}" for i in range(4)) + "\n")
     out = str(tmp_path / "eval")
-    args = ["evaluate", "--base", "tiny", "--lora", lora, "--prompts", str(prompts), "--out", out,
-            "--set", f"scorers.cache_dir={cache}", "--set", "generate.num_actors=1"]  # fmt: skip
+    settings = [f"scorers.cache_dir={cache}", "generate.num_actors=1"]
+    args = [
+        "evaluate",
+        "--base",
+        "tiny",
+        "--lora",
+        lora,
+        "--prompts",
+        str(prompts),
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+    ]
+    args += sum((["--set", s] for s in settings), [])
     assert cli(args) == 0
     printed = capsys.readouterr().out
     assert "MLLM judge (not human)" in printed and "siglip_aesthetic" in printed

@@ -205,7 +205,7 @@ def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def test_sigterm_stops_artaug_serve_and_its_ray_cleanly(tmp_path):
-    """`artaug serve` (the tiny default, on its own local Ray) stopped with SIGTERM, as kill, systemd,
+    """`artaug serve` (the default world model, on its own local Ray) stopped with SIGTERM, as kill, systemd,
     Kubernetes and `ray job stop` stop it: the same clean stop as Ctrl-C, and no Ray process left."""
     port = free_port()
     log_path = tmp_path / "serve.log"

@@ -163,7 +163,7 @@ def differential(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-diff")
     pairs = write_pairs(str(root / "pairs"), pair_rows())
     out = str(root / "out")
-    args = ["train", "--pairs", pairs, "--out", out]
+    args = ["train", "--pairs", pairs, "--out", out, "--preset", "tiny"]  # the pairs are the tiny model's
     code = cli(args)
     return {"out": out, "args": args, "code": code, "summary": storage.read_summary(out)}
 

@@ -54,6 +54,9 @@ def cmd_run(args) -> int:
         data = Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))
     print(summary_table(data), end="")
     layout = RunLayout(run_dir)
+    evaluation = storage.join(layout.evaluate, "report.txt")
+    if storage.exists(evaluation):  # the evaluation's table: base vs enhanced, intervals, verdict
+        print(storage.read_bytes(evaluation).decode(), end="")
     if data.get("stopped_early"):
         print(f"stopped early in round {data['stopped_early']['round']}: {data['stopped_early']['reason']}")
     print(f"report:   {layout.report_page}")
