@@ -16,19 +16,10 @@ import numpy as np
 import torch
 
 from artaug.models.flow_matching import flow_matching_loss
+from artaug.world import COLOURS  # the same palette as the miniature world
 
 log = logging.getLogger(__name__)
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-    "orange": (235, 130, 30),
-    "purple": (140, 50, 170),
-    "white": (235, 235, 235),
-    "black": (25, 25, 25),
-}
 SHAPES = ("circle", "square")
 SIZE = 64
 
