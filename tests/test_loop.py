@@ -23,13 +23,15 @@ from artaug.config import load_config
 from artaug.layout import RunLayout
 from tests.conftest import free_port
 
-# Two rounds over 24 prompts each, the evaluation on 16 held-out images with the tiny VLM judge (noise,
-# but its engine and parsing run end to end). The filter's gates stay on; the loop's stopping rules are
-# off here so that both rounds train (two rounds, resume and combine are what this run checks; the
-# stopping rules have their own test below). One request at a time keeps vLLM's batching, hence
-# every answer, the same from run to run.
+# Two rounds over the same 24 prompts and seeds (so round 2's first images show what round 1's LoRA
+# changed), the evaluation on 16 held-out images with the tiny VLM judge (noise, but its engine and
+# parsing run end to end). The filter's gates stay on; the loop's stopping rules are off here so that
+# both rounds train (two rounds, resume and combine are what this run checks; the stopping rules have
+# their own test below). One request at a time keeps vLLM's batching, hence every answer, the same
+# from run to run.
 CI_SIZED = [
-    "loop.rounds=2", "loop.max_prompts=24", "loop.eval_max_prompts=16", "loop.report_pairs=2",
+    "loop.rounds=2", "loop.max_prompts=24", "loop.new_prompts_each_round=false",
+    "loop.eval_max_prompts=16", "loop.report_pairs=2",
     "loop.min_acceptance_rate=0", "loop.min_aesthetic_gain=-1",
     "generate.num_actors=1", "critique.concurrency=1", "train.checkpoint_every=20",
     "evaluate.judge=true", "evaluate.judge_tiny_seed=0", "evaluate.bootstrap_samples=200",
@@ -116,6 +118,23 @@ def test_the_gates_keep_only_pairs_that_gained_and_the_evaluation_gives_its_verd
     assert metrics["verdict"]["alignment"]["margin"] == 0.05
     assert metrics["scores"]["world_quality"]["difference"]["clusters"] == 8  # 16 images, 8 prompts
     assert metrics["judge"]["judged"] + metrics["judge"]["missing"] == 16  # the vLLM judge ran on every image
+
+
+def test_the_method_moves_images_toward_the_world_taste(finished_run):
+    """The claim itself: round 2 draws better pictures than round 1 from the same prompts and seeds
+    before any critique (round 1's LoRA learnt from the kept pairs), and the held-out evaluation's
+    aesthetic difference (enhanced - base) is positive."""
+    from artaug.stages.contract import read_stage
+
+    run_dir, _ = finished_run
+    layout = RunLayout(run_dir)
+    pairs = [read_stage(layout.round(k).stage("filter")).to_pylist() for k in (1, 2)]
+    before = [{p["prompt_id"]: p["world_aesthetic_before"] for p in round_pairs} for round_pairs in pairs]
+    assert before[0].keys() == before[1].keys()
+    gain = sum(before[1][i] - before[0][i] for i in before[0]) / len(before[0])
+    assert gain > 0, f"round 2's first images are worse than round 1's by {gain:.4f}"
+    metrics = _metrics(os.path.join(run_dir, "evaluate", "metrics.json"))
+    assert metrics["scores"]["world_quality"]["difference"]["mean"] > 0, metrics["scores"]["world_quality"]
 
 
 def test_a_world_where_nothing_improves_stops_with_the_reason(tmp_path):

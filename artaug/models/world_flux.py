@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
+from transformers.models.t5.modeling_t5 import T5Attention
 
 from artaug import world
 from artaug.models.flow_matching import flow_matching_loss
@@ -60,7 +61,7 @@ def world_words() -> list[str]:
     return list(dict.fromkeys(w for phrase in phrases for w in re.findall(r"[a-z]+", phrase)))
 
 
-def untrained_world_flux():
+def untrained_world_flux(previous_word: bool = True):
     """The world pipeline with an untrained transformer: the tiny FLUX's patch autoencoder, word-level
     tokenizers over the world's vocabulary and random fixed text encoders (seed 0); one token per
     word makes "red circle on blue" easy to bind for so small a model, where characters were not."""
@@ -70,14 +71,35 @@ def untrained_world_flux():
     t5_tokenizer = char_tokenizer(eos="</s>", pad="<pad>", unk="<unk>", words=world_words())
     torch.manual_seed(0)
     text_encoder, text_encoder_2 = text_encoders(clip_tokenizer, t5_tokenizer)
+    if previous_word:
+        read_previous_word(text_encoder_2)
     pipe.register_modules(tokenizer=clip_tokenizer, text_encoder=text_encoder, tokenizer_2=t5_tokenizer,
                           text_encoder_2=text_encoder_2, transformer=world_transformer().eval())  # fmt: skip
     return pipe
 
 
-def build_world_flux(weights: str | None = None):
-    """The world pipeline in float32, its transformer loaded from `weights` (default: the shipped file)."""
-    pipe = untrained_world_flux()
+def read_previous_word(t5) -> None:
+    """Make the random T5 encoder's one attention layer look only at the word before each word.
+
+    FLUX gives text tokens no position, so with near-uniform random attention "a red circle on blue"
+    and "a blue circle on red" reach the transformer as almost the same bag of tokens: samples swapped
+    subject and background. Reading the previous word makes the colour after "on" a different token
+    from the colour after "a", and "circle" carry its colour."""
+    attention = t5.encoder.block[0].layer[0].SelfAttention
+    config = t5.config
+    bucket = T5Attention._relative_position_bucket(
+        torch.tensor(-1), bidirectional=True, num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+    )  # fmt: skip
+    bias = torch.full_like(attention.relative_attention_bias.weight, -8.0)
+    bias[int(bucket)] = 8.0
+    attention.relative_attention_bias.weight.data = bias
+
+
+def build_world_flux(weights: str | None = None, previous_word: bool = True):
+    """The world pipeline in float32, its transformer loaded from `weights` (default: the shipped file).
+    `previous_word=False` only rebuilds the shipped weights' history (scripts/build_world.py)."""
+    pipe = untrained_world_flux(previous_word)
     transformer = pipe.transformer
     if weights is None:
         weights = str(resources.files("artaug.models").joinpath(WEIGHTS))
@@ -99,11 +121,13 @@ def captioned_batch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, li
 
 
 def pretrain_world(steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3, max_tokens: int = 32,
-                   start: str | None = None, characters: bool = False):  # fmt: skip
+                   start: str | None = None, characters: bool = False,
+                   previous_word: bool = True):  # fmt: skip
     """Train the world transformer from its seeded initialisation (or the weights file `start`);
     returns (pipe, losses). `characters`: read captions with the tiny FLUX's character-level text
-    encoders instead of the world's word-level ones (the first stage of the shipped weights)."""
-    pipe = untrained_world_flux() if start is None else build_world_flux(start)
+    encoders instead of the world's word-level ones (the first stage of the shipped weights);
+    `previous_word=False`: with the T5 encoder's random attention (the second and third stages)."""
+    pipe = untrained_world_flux(previous_word) if start is None else build_world_flux(start, previous_word)
     if characters:
         tiny = build_tiny_flux(0, vae="patch")
         pipe.register_modules(tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder,
