@@ -143,8 +143,11 @@ def intervals(
         top, bottom = 44 + first * ROW, 48 + (first + len(block)) * ROW
         if not group:
             body.append(_line(x(0), top, x(0), bottom, "#ddd", 2))
-        body.append(f'<text x="{LABEL}" y="{bottom + 10}" font-size="9" fill="#888">{low - pad:.3g}</text>'
-                    f'<text x="{WIDE - 110}" y="{bottom + 10}" font-size="9" fill="#888" text-anchor="end">'
+        # A shared axis is labelled under its rows; a block's own axis just above its first row, so
+        # the range reads as its block's, not the next one's.
+        label_y = top + 7 if group else bottom + 10
+        body.append(f'<text x="{LABEL}" y="{label_y}" font-size="9" fill="#888">{low - pad:.3g}</text>'
+                    f'<text x="{WIDE - 110}" y="{label_y}" font-size="9" fill="#888" text-anchor="end">'
                     f"{high + pad:.3g}</text>")  # fmt: skip
         for offset, (label, series, value, ci) in enumerate(block):
             y = 48 + (first + offset) * ROW + ROW // 2

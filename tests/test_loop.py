@@ -202,7 +202,10 @@ def test_report_renders_in_chromium(finished_run):
     finally:
         browser.kill()
         browser.wait()
-    assert len(images) >= 2 * 2 * 2  # before + after for two pairs in each of two rounds
+    assert len(images) >= 2 * 2 * 2 + 2 * 2  # two pairs a round, before + after; two held-out, base + LoRA
+    assert {src for src, *_ in images if src.startswith("img/eval-")} == {
+        f"img/eval-{i:04d}-{side}.png" for i in (0, 1) for side in ("base", "lora")
+    }
     broken = [src for src, complete, width in images if not (complete and width > 0)]
     assert not broken, broken
     assert any(src.startswith("img/r2-") for src, *_ in images)

@@ -303,6 +303,6 @@ class LoopConfig:
     eval_max_prompts: NonNegativeInt = 8
     """Use only the first N held-out prompts (0: all of them)."""
     report_pairs: NonNegativeInt = 8
-    """Before/after pairs shown per round in report/index.html."""
+    """Before/after pairs per round, and held-out images (base, base + LoRA), shown in report/index.html."""
     thumbnail_side: Annotated[Int, Field(ge=16)] = 128
     """Longest side of the report's thumbnails, in pixels (the report never holds full-size images)."""

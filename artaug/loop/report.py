@@ -1,11 +1,12 @@
 """RUN_DIR/report/index.html: what each round did, in one page a person can open.
 
 Per round: before/after thumbnails with the critique and the enhanced regions drawn, score
-distributions and acceptance counts, the training loss curves; then stage timings and the final
-evaluation table. Thumbnails only (loop.thumbnail_side), so the report stays small; the scores of
-every row are read without images, and only the shown pairs' images are streamed in. Thumbnail
-file names are made from the round and position, never from a prompt_id; a missing, undecodable
-or oversized image shows as "(no image)", and a NaN or infinite number as "n/a".
+distributions and acceptance counts, the training loss curves; then the final evaluation's table,
+its first held-out images drawn by the base model and by base + LoRA, and stage timings. Thumbnails
+only (loop.thumbnail_side), so the report stays small; the scores of every row are read without
+images, and only the shown pairs' images are streamed in. Thumbnail file names are made from the
+round (or "eval") and position, never from a prompt_id; a missing, undecodable or oversized image
+shows as "(no image)", and a NaN or infinite number as "n/a".
 
     artaug report runs/artaug-20261126-120000
 """
@@ -91,7 +92,7 @@ def write_report(run_dir: str, status: str | None = None) -> dict:
     page.add("<h2>Rounds</h2><pre>" + escape(summary_table(manifest)) + "</pre>")
     for k in sorted(manifest.get("rounds", {}), key=int):
         _round_section(page, layout, int(k), cfg)
-    _evaluation_section(page, layout)
+    _evaluation_section(page, layout, cfg)
     page.add("<h2>Stage timings</h2>" + _timings(manifest))
     page.add(
         "<h2>Environment</h2><pre>"
@@ -241,17 +242,54 @@ def _loss_curves(path: str) -> dict[str, list[tuple[float, float]]]:
     return curves
 
 
-def _evaluation_section(page: _Page, layout: RunLayout) -> None:
+def _evaluation_section(page: _Page, layout: RunLayout, cfg) -> None:
     page.add("<h2>Evaluation: base vs base + combined LoRA</h2>")
     table = storage.join(layout.evaluate, "report.txt")
     if not storage.exists(table):
         page.add("<p>(no evaluation: no round trained, loop.evaluate is off, or it has not finished)</p>")
         return
     page.add("<pre>" + escape(storage.read_bytes(table).decode()) + "</pre>")
+    _evaluation_images(page, layout, cfg)
     for name in ("scores.svg", "differences.svg", "mllm_win_rate.svg"):
         chart = storage.join(layout.evaluate, "plots", name)
         if storage.exists(chart):
             page.add(f'<div class="charts">{storage.read_bytes(chart).decode()}</div>')
+
+
+def _evaluation_images(page: _Page, layout: RunLayout, cfg) -> None:
+    """The first `loop.report_pairs` held-out images in prompt order (not chosen by their scores),
+    drawn by the base model and by base + LoRA from the same noise, with the evaluation's aesthetic."""
+    scores_dir = storage.join(layout.evaluate, "scores")
+    if not cfg.loop.report_pairs or not storage.exists(scores_dir):
+        return
+    aesthetic = cfg.evaluate.aesthetic
+    columns = ["prompt", f"{aesthetic}_base", f"{aesthetic}_lora"] if aesthetic else ["prompt"]
+    rows = read_stage(scores_dir, columns=columns).to_pylist()[: cfg.loop.report_pairs]
+    tags: dict[tuple[str, str], str] = {}
+    for side in ("base", "lora"):
+        folder = storage.join(layout.evaluate, side, "generate")
+        for images in stream_rows(folder, ["image"], {r["prompt_id"] for r in rows}):
+            i = next(i for i, r in enumerate(rows) if r["prompt_id"] == images["prompt_id"])
+            tags[images["prompt_id"], side] = page.thumbnail(
+                images.get("image"), f"eval-{i:04d}-{side}.png", f"{images['prompt_id']} {side}"
+            )
+    cells = []
+    for row in rows:
+        pid, missing = row["prompt_id"], '<span class="missing">(no image)</span>'
+        score = ""
+        if aesthetic:
+            base, lora = row.get(f"{aesthetic}_base"), row.get(f"{aesthetic}_lora")
+            score = f"{escape(aesthetic)} {number(base, '.3f')} -> {number(lora, '.3f')}"
+        cells.append(
+            f'<div class="pair">{tags.get((pid, "base"), missing)}{tags.get((pid, "lora"), missing)}'
+            f"<div><b>{escape(pid)}</b> {escape(row['prompt'][:120])}</div>"
+            f"<div>base | base + LoRA; {score}</div></div>"
+        )
+    page.add(
+        "<p>Held-out images, base (left) and base + LoRA (right), same prompt and noise; the first "
+        f"{len(rows)} in prompt order, not chosen by score.</p>"
+        + f'<div class="pairs">{"".join(cells)}</div>'
+    )
 
 
 def _timings(manifest: dict) -> str:
