@@ -90,3 +90,24 @@ def test_the_controls_random_and_silent_are_schema_valid_and_reproducible():
     assert other != first  # seeded by the image
     silent = parse_critique(json.dumps(silent_critique(image, prompt)))
     assert silent["adjustments"] == [] and silent["regions"] == [] and silent["rewritten_prompt"] == ""
+
+
+def test_the_world_model_s_text_tells_subject_from_background():
+    """FLUX gives text tokens no position: with words read alone, "a red circle on blue" and "a blue
+    circle on red" reach the transformer as the same bag of tokens (each token of one has a near twin
+    in the other). Reading each word with the one before it leaves tokens without a twin."""
+    import torch
+
+    from artaug.models.world_flux import untrained_world_flux
+
+    def farthest_from_a_twin(pipe, caption: str, other: str) -> float:
+        """The largest distance from a token of `caption` to its nearest token of `other`, relative
+        to its length (position-less attention sees only the set of tokens)."""
+        a, b = (pipe.encode_prompt([c], None, max_sequence_length=32)[0][0] for c in (caption, other))
+        return float((torch.cdist(a, b).min(dim=1).values / a.norm(dim=1)).max())
+
+    ours, plain = untrained_world_flux(), untrained_world_flux(previous_word=False)
+    first, swapped = "a red circle on blue", "a blue circle on red"
+    assert farthest_from_a_twin(plain, first, swapped) < 0.1
+    assert farthest_from_a_twin(ours, first, swapped) > 0.5
+    assert farthest_from_a_twin(ours, first, first) < 0.01
