@@ -1,7 +1,7 @@
-"""The miniature world's loop repeated with 5 seeds, and two controls (docs/benchmarks.md, "The
+"""The miniature world's loop repeated with 5 seeds, and its controls (docs/benchmarks.md, "The
 miniature world: the loop with 5 seeds and its controls").
 
-    python benchmarks/world_loop.py --lock /tmp/artaug-heavy.lock     # 15 runs, one after another
+    python benchmarks/world_loop.py --lock /tmp/artaug-heavy.lock     # 20 runs, one after another
     python benchmarks/world_loop.py --reuse                            # continue an interrupted one
     python benchmarks/world_loop.py --analyse-only                     # figures of the finished runs
 
@@ -11,7 +11,10 @@ are fixed in the preset, so every run scores images of the same base model from 
 runs are paired image by image. Variants:
   world          the default: the world critic, the filter and the loop's gates on;
   random-critic  critique.backend=random (random boxes and vocabulary prompts), the same filter;
-  no-filter      the world critic, every pair kept and the loop's gates off.
+  no-filter      the world critic, every pair kept and the loop's gates off;
+  random-critic-ungated  the random critic and the same filter with the loop's gates off, so it
+                 trains on whatever pairs its random suggestions improved (random-critic's gates
+                 usually stop it before any LoRA: this asks what the critic adds beyond selection).
 A run the loop's gates stopped is a result, not an error: its manifest says why, and when it
 stopped before any LoRA its enhanced model is the base, so each held-out image gains 0.
 
@@ -48,9 +51,11 @@ VARIANTS = {
     "random-critic": ("critique.backend=random",),
     "no-filter": ("filter.delta=-1000", "filter.epsilon=1000", "filter.keep_unchanged=true",
                   "loop.min_acceptance_rate=0", "loop.min_aesthetic_gain=-1000"),
+    "random-critic-ungated": ("critique.backend=random", "loop.min_acceptance_rate=0",
+                              "loop.min_aesthetic_gain=-1000"),
 }  # fmt: skip
 COLUMNS = ("world_quality", "world_alignment")  # the verdict's aesthetic and alignment
-CONTROLS = ("random-critic", "no-filter")  # each compared with "world"
+CONTROLS = ("random-critic", "no-filter", "random-critic-ungated")  # each compared with "world"
 DONE = ("finished", "stopped")
 ARTAUG = os.path.join(os.path.dirname(sys.executable), "artaug")
 
