@@ -195,22 +195,8 @@ def test_missing_scorer_weights_fail_at_start_naming_the_path(tmp_path, capsys):
     ]
     assert cli(args) == 2
     assert missing in capsys.readouterr().err
-    assert (
-        cli(
-            [
-                "evaluate",
-                "--base",
-                "tiny",
-                "--lora",
-                missing,
-                "--out",
-                str(tmp_path / "e"),
-                "--preset",
-                "tiny",
-            ]
-        )
-        == 2
-    )
+    args = ["evaluate", "--base", "tiny", "--lora", missing, "--out", str(tmp_path / "e"), "--preset", "tiny"]
+    assert cli(args) == 2
     assert missing in capsys.readouterr().err  # the LoRA file is checked before anything starts
     args = ["evaluate", "--base", "tiny", "--lora", __file__, "--out", str(tmp_path / "e"),
             "--preset", "tiny", "--set", f"scorers.siglip_head={missing}"]  # fmt: skip
