@@ -23,7 +23,8 @@ controls on the same pairs with after := before: LoRA-1 alone (direct on the bef
 null enhancement (differential on after = before). Per held-out image, difference = metric(base +
 LoRA) - metric(base); means with 95% bootstrap intervals clustered by prompt (a prompt's seeds are
 resampled together). Across seeds: the mean of per-seed means, and the interval of the per-image
-differences averaged over seeds. Content error = RMS pixel error (0..255) to the base image after
+differences averaged over seeds. Each variant minus the null control, paired per image: what the
+enhancement adds beyond training on pictures of the model's own. Content error = RMS pixel error (0..255) to the base image after
 removing a per-channel gain and offset (a global colour shift is not content).
 
 Prompts and seeds are fixed here before any result was seen: training on the first TRAIN_PROMPTS
@@ -48,6 +49,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import method_report  # noqa: E402
 import method_world as mw  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -68,7 +70,7 @@ VARIANTS = {  # name -> (train.mode, trained on the null pairs)
 COLUMNS = {  # what the table shows per enhancement: (metric, label, as a transfer)
     "photometric": [("brightness", "brightness transfer", True), ("warmth", "warmth transfer", True)],
     "stages": [("world_quality", "d world_quality", False), ("world_alignment", "d world_alignment", False),
-               ("world_aesthetic", "d world_aesthetic", False), ("measured_quality", "d measured", False)],
+               ("world_aesthetic", "d world_aesthetic", False)],
 }  # fmt: skip
 log = logging.getLogger("method_check")
 
@@ -190,28 +192,6 @@ def summarise(per_seed: dict, prompts, shift: dict) -> dict:
     return out
 
 
-def cell(figure: dict, width: int = 26) -> str:
-    if figure.get("mean") is None:
-        return f"{'n/a':>{width}s}"
-    ci = figure.get("ci") or [float("nan")] * 2
-    return f" {figure['mean']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]".rjust(width)
-
-
-def table(results: dict) -> str:
-    lines = []
-    for name, record in results.items():
-        columns = [c for c in COLUMNS[name] if c[0] in record["reference"]]
-        columns.append(("content_error", "content error", False))
-        lines.append(f"\n{name} enhancement ({record['pairs']} pairs; mean [95% CI clustered by prompt])")
-        lines.append(f"{'':30s}" + "".join(f"{label:>26s}" for _, label, _ in columns) + f"{'train s':>9s}")
-        reference = "".join(cell(record["reference"].get(m, {})) for m, _, _ in columns)
-        lines.append(f"{'the enhancement (reference)':30s}{reference}")
-        for variant, summary in record["variants"].items():
-            row = "".join(cell(summary["pooled"].get(m, {})) for m, _, _ in columns)
-            lines.append(f"{variant:30s}{row}{summary['train_seconds']:>9.0f}")
-    return "\n".join(lines)
-
-
 def prepare(name: str, pairs: str, context) -> dict:
     """The enhancement's null pair folder and its reference figures."""
     cfg, prod, args, held, base, scores = context
@@ -261,6 +241,9 @@ def run_all(prepared: dict, context, state: dict, state_path: str) -> dict:
             done = {s: runs[str(s)] for s in args.seeds if str(s) in runs}
             if done:
                 record["variants"][variant] = summarise(done, context[3][0], prep["shift"])
+        runs = {v: {s: r for s, r in state.get(name, {}).get(v, {}).items() if int(s) in args.seeds}
+                for v in args.variants}  # fmt: skip
+        record["versus_control"] = method_report.versus_control(runs, context[3][0], prep["shift"])
     return results
 
 
@@ -318,7 +301,7 @@ def main() -> None:
             pairs = stage_pairs(prod, args, args.work, jobs)
         prepared[name] = prepare(name, pairs, context)
     results = run_all(prepared, context, state, state_path)
-    text, seconds = table(results), time.perf_counter() - started
+    text, seconds = method_report.table(results, COLUMNS), time.perf_counter() - started
     note = footer(args, cfg, jobs, held, load_start, seconds)
     print(f"{text}\n\nbase vs other seeds (unpaired): content error {np.mean(unpaired['content_error']):.2f}")
     print(note)
