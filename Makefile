@@ -9,7 +9,7 @@ run: install
 	.venv/bin/artaug run
 
 test: install
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: install
 	.venv/bin/python benchmarks/generate_throughput.py

@@ -24,8 +24,9 @@ null enhancement (differential on after = before). Per held-out image, differenc
 LoRA) - metric(base); means with 95% bootstrap intervals clustered by prompt (a prompt's seeds are
 resampled together). Across seeds: the mean of per-seed means, and the interval of the per-image
 differences averaged over seeds. Each variant minus the null control, paired per image: what the
-enhancement adds beyond training on pictures of the model's own. Content error = RMS pixel error (0..255) to the base image after
-removing a per-channel gain and offset (a global colour shift is not content).
+enhancement adds beyond training on pictures of the model's own. Content error = RMS pixel error
+(0..255) to the base image after removing a per-channel gain and offset (a global colour shift is not
+content).
 
 Prompts and seeds are fixed here before any result was seen: training on the first TRAIN_PROMPTS
 lines of the world's train prompts (artaug/presets/world_train_prompts.txt) x sample seeds 0, 1;

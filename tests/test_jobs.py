@@ -111,7 +111,7 @@ def start_head(node_env: dict, client_env: dict, attempts: int = 3) -> LocalHead
 
 
 @pytest.mark.slow
-def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket):
+def test_world_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket):
     hf_token = "hf_" + secrets.token_hex(16)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
@@ -120,7 +120,7 @@ def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket
     # On a loaded 2-core machine the dashboard agent can take a minute to start: the raylet waits.
     node_env |= {"RAY_agent_register_timeout_ms": "300000", "RAY_raylet_start_wait_time_s": "300"}
     client_env = base | auth
-    storage.write_text(f"{s3_bucket}/job/prompts.txt", "a red kite over the sea\na blue door in a wall\n")
+    storage.write_text(f"{s3_bucket}/job/prompts.txt", "a red circle on yellow\na black square on blue\n")
     out = f"{s3_bucket}/job/run-1"
     head = start_head(node_env, client_env)
     try:
@@ -128,9 +128,9 @@ def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", head.address, "--working-dir", str(REPO),
              "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
-             "python", "-m", "artaug.cli", "run", "--config", "jobs/tiny.yaml",
+             "python", "-m", "artaug.cli", "run", "--config", "jobs/world.yaml",
              "--set", f"prompts={s3_bucket}/job/prompts.txt", "--out", out],
-            env=client_env, capture_output=True, text=True, timeout=600, cwd=REPO,
+            env=client_env, capture_output=True, text=True, timeout=900, cwd=REPO,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         jobs = subprocess.run([RAY, "job", "list", "--address", head.address], env=client_env,
@@ -148,9 +148,13 @@ def test_tiny_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket
     assert (summary["rows"], summary["images"], summary["errors"]) == (2, 2, 0)
     for stage in ("critique", "enhance", "filter", "train", "register"):
         assert storage.is_complete(f"{out}/round-1/{stage}"), stage
+    critiques = storage.read_summary(f"{out}/round-1/critique")  # the vLLM critic read both pictures
+    assert (critiques["backend"], critiques["rows"], critiques["failed"]) == ("vllm", 2, 0), critiques
     assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["status"] == "finished"
     assert storage.exists(f"{out}/lora/combined.safetensors")
     assert storage.is_complete(f"{out}/evaluate") and storage.exists(f"{out}/report/index.html")
+    judge = json.loads(storage.read_bytes(f"{out}/evaluate/metrics.json"))["judge"]  # the vLLM judge
+    assert judge["judged"] + judge["missing"] == 2, judge  # loop.eval_max_prompts held-out images
 
     # The token reached the job's environment (the head's env is the node's) but nothing kept it:
     # not the job's logs, its runtime_env listing, the run directory, or any of Ray's own logs.

@@ -264,14 +264,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path)
         assert os.path.getmtime(os.path.join(run_dir, "round-1", stage, "_SUCCESS")) == mtime
     assert not os.path.exists(os.path.join(enhance_dir, "part-killed.parquet"))
     assert "complete in an earlier attempt" in output
-    # The same seeds give the same final outputs as the uninterrupted run.
+    # The same seeds give the same final outputs as the uninterrupted run, up to float rounding: rows
+    # batched differently round differently (README, "Determinism"; seen in CI: 2 pixels of one image
+    # off by one level), which moved the LoRA by ~1e-4 of its scale. Lost or redone work moves it more.
     ours = load_file(os.path.join(run_dir, "lora", "combined.safetensors"))
     theirs = load_file(os.path.join(reference, "lora", "combined.safetensors"))
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
-    ours, theirs = (_metrics(os.path.join(d, "evaluate", "metrics.json")) for d in (run_dir, reference))
-    assert ours == theirs
+        scale = float(theirs[key].abs().max())
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-2 * scale)
+    paths = (os.path.join(d, "evaluate", "metrics.json") for d in (run_dir, reference))
+    (our_numbers, our_rest), (their_numbers, their_rest) = (_flat(_metrics(path)) for path in paths)
+    assert our_rest == their_rest  # counts, names, verdicts
+    assert our_numbers == pytest.approx(their_numbers, rel=1e-3, abs=1e-5)
 
 
 def _kill_orphaned_engines(started_after: float) -> None:
@@ -294,6 +299,25 @@ def _metrics(path: str) -> dict:
     with open(path) as f:
         metrics = json.load(f)
     return {k: v for k, v in metrics.items() if k not in ("seconds", "loras")}
+
+
+def _flat(metrics: dict) -> tuple[dict, dict]:
+    """({dotted path: float}, {dotted path: other value}): pytest.approx compares flat dicts of numbers."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = value
+
+    walk("", metrics)
+    numbers = {k: v for k, v in flat.items() if isinstance(v, float)}
+    return numbers, {k: v for k, v in flat.items() if k not in numbers}
 
 
 # ------------------------------------------------------------------ refusals (no Ray needed)

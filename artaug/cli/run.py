@@ -9,7 +9,7 @@ from artaug.config import ConfigError
 
 
 def add_run(commands) -> None:
-    run = commands.add_parser("run", help="run the ArtAug loop (default: tiny preset, local Ray)")
+    run = commands.add_parser("run", help="run the ArtAug loop (default: the miniature world, local Ray)")
     add_config_options(run)
     run.add_argument("--out", help="run directory (default: <output_root>/<name>-<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its directory")
