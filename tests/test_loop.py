@@ -227,6 +227,7 @@ def _devtools_page(port: int) -> dict:
     raise AssertionError("Chromium's DevTools endpoint did not answer")
 
 
+@pytest.mark.timeout(1800)  # run alone it also sets up the shared run: two CI-sized runs (~15 min)
 def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path):
     reference, _ = finished_run
     run_dir = str(tmp_path / "run")
