@@ -43,8 +43,8 @@ def random_lora(path, seed: int, rank: int, alpha: float, targets: list[str]) ->
 def fused_weights(files: list[str], scales: list[float] | None = None) -> dict[str, torch.Tensor]:
     """The tiny transformer's weights after fusing `files` one after another with our production path."""
     transformer = build_tiny_flux(0).transformer
-    for i, (path, scale) in enumerate(zip(files, scales or [1.0] * len(files), strict=True)):
-        fuse_into_transformer(transformer, path, scale, name=f"r{i}")
+    for path, scale in zip(files, scales or [1.0] * len(files), strict=True):
+        fuse_into_transformer(transformer, path, scale)
     assert not lora_layers(transformer)
     return {k: v.clone() for k, v in transformer.state_dict().items()}
 

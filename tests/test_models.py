@@ -99,3 +99,54 @@ def test_missing_model_folder_is_named(tmp_path):
 
 def decode(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def weights_of(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the pipeline's modules, by component."""
+    return {
+        f"{name}.{key}": value
+        for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+        for key, value in component.state_dict().items()
+    }
+
+
+def assert_same_bits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differ, differ[:5]
+
+
+def test_a_warm_model_moved_between_rounds_has_the_bits_of_a_fresh_load(tiny_dir, tmp_path):
+    """bf16: a host that moves through rounds 1-3 and the evaluation's base/enhanced swap holds, at
+    every step, exactly the weights a fresh load of that model (what serve serves) holds."""
+    from artaug.lora.algebra import combine_rounds
+    from artaug.models.synthesis import enhanced_model, load_synthesis, model_of_round
+
+    base = ModelConfig(source=tiny_dir, device="cpu", dtype="bfloat16")
+    loras = [make_lora(tmp_path / f"round{k}", seed=k) for k in (1, 2, 3)]
+    combined = combine_rounds(loras, str(tmp_path / "combined.safetensors"))["out"]
+    pipe, weights = load_synthesis(base)
+    assert pipe.transformer.dtype == torch.bfloat16
+    pristine = {k: v.clone() for k, v in weights_of(pipe).items()}
+    steps = [model_of_round(base, loras[:k]) for k in (1, 2, 3)]
+    steps += [base, enhanced_model(base, combined), base, enhanced_model(base, combined)]
+    for model in steps:
+        weights.set(model.loras, model.lora_scale)
+        assert_same_bits(weights_of(pipe), weights_of(load_pipeline(model)))
+    assert_same_bits(weights_of(pipe), weights_of(load_pipeline(enhanced_model(base, combined))))
+    weights.set([])
+    assert_same_bits(weights_of(pipe), pristine)
+
+
+def test_unfusing_in_bf16_does_not_restore_the_weights(tiny_dir, tmp_path):
+    """Why warm hosts set weights from the pristine copy: diffusers' fuse then unfuse in bf16 leaves
+    the weights off by rounding."""
+    pipe = load_pipeline(ModelConfig(source=tiny_dir, device="cpu", dtype="bfloat16"))
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(make_lora(tmp_path / "r", seed=1), adapter_name="r")
+    pipe.fuse_lora(adapter_names=["r"])
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    after = pipe.transformer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -23,15 +23,25 @@ from peft.utils.other import get_pattern_key
 
 from artaug.lora.files import LoraFileError, check_finite, local_copy, read_metadata, save_lora
 
-COMPONENT = "transformer."  # key prefix of the transformer's layers in diffusers' layout
+COMPONENTS = ("transformer.", "text_encoder.")  # key prefixes of the layers a FLUX LoRA may adapt
 
 
 def read_factors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (A, B * scale)} in float64 for a LoRA file in any layout diffusers reads.
+    """{layer: (A, B * scale)} in float64 of a transformer-only LoRA file in any layout diffusers reads.
 
     `scale` is the file's alpha / rank for that layer (from the adapter metadata; 1 without it, the
     diffusers convention), so B @ A is exactly what fusing the file at scale 1 adds to the layer.
     """
+    factors = read_component_factors(path)
+    others = sorted(set(factors) - {"transformer"})
+    if others:
+        raise LoraFileError(f"LoRA file {path}: only transformer lora_A/lora_B weights are supported "
+                            f"(it has {', '.join(others)} keys)")  # fmt: skip
+    return factors.get("transformer", {})
+
+
+def read_component_factors(path: str) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{component: {layer: (A, B * scale)}} for the transformer and text encoder keys of a LoRA file."""
     local = local_copy(path)
     check_finite(local)  # NaN or inf would spread into every layer's combined factors
     try:
@@ -41,28 +51,36 @@ def read_factors(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     except Exception as err:  # noqa: BLE001 - any reader failure means the file is not a LoRA we can read
         raise LoraFileError(f"LoRA file {path}: unreadable ({type(err).__name__}: {err})") from None
     foreign = [
-        k for k in state if not k.startswith(COMPONENT) or not k.endswith(("lora_A.weight", "lora_B.weight"))
+        k for k in state if not k.startswith(COMPONENTS) or not k.endswith(("lora_A.weight", "lora_B.weight"))
     ]
     if foreign or alphas:
         what = ", ".join(foreign[:4]) or "per-layer network alphas"
         raise LoraFileError(
-            f"LoRA file {path}: only transformer lora_A/lora_B weights are supported ({what})"
+            f"LoRA file {path}: only lora_A/lora_B weights of the transformer and the text encoder are"
+            f" supported ({what})"
         )
-    config = {k.removeprefix(COMPONENT): v for k, v in (config or {}).items() if k.startswith(COMPONENT)}
-    factors = {}
+    factors: dict[str, dict] = {}
     for key in state:
         if not key.endswith("lora_A.weight"):
             continue
-        layer = key.removeprefix(COMPONENT).removesuffix(".lora_A.weight")
+        component, _, name = key.partition(".")
+        layer = name.removesuffix(".lora_A.weight")
         down, up = state[key].double(), state[key.replace("lora_A.weight", "lora_B.weight")].double()
-        rank = alpha = down.shape[0]  # no metadata: diffusers applies B @ A unscaled
-        if config:
-            ranks, alphas_ = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-            rank = ranks.get(get_pattern_key(ranks.keys(), layer), config["r"])
-            alpha = alphas_.get(get_pattern_key(alphas_.keys(), layer), config["lora_alpha"])
-        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        factors[layer] = (down, up * scale)
+        scale = _scale(config, component, layer, down.shape[0])
+        factors.setdefault(component, {})[layer] = (down, up * scale)
     return factors
+
+
+def _scale(config: dict | None, component: str, layer: str, rank: int) -> float:
+    """alpha / rank (or alpha / sqrt(rank) with rslora) of one layer; 1 without metadata, as diffusers."""
+    prefix = component + "."
+    config = {k.removeprefix(prefix): v for k, v in (config or {}).items() if k.startswith(prefix)}
+    if not config:
+        return 1.0
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rank = ranks.get(get_pattern_key(ranks.keys(), layer), config["r"])
+    alpha = alphas.get(get_pattern_key(alphas.keys(), layer), config["lora_alpha"])
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def delta(factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

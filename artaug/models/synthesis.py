@@ -3,8 +3,8 @@
 `source` is a hub id, a local folder written by save_pretrained, "tiny" or "world" (built in code). A
 local folder is read with local_files_only, so it never touches the network; a missing one fails
 before Ray starts (`check_source`), naming the path. The LoRAs of `ModelConfig.loras` are fused in
-order on load: `model_of_round` and `enhanced_model` are the one definition of which LoRAs a model
-carries.
+order on load (`lora.fuse.FusedWeights`, from the pristine weights): `model_of_round` and
+`enhanced_model` are the one definition of which LoRAs a model carries.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import artaug.models.patch_vae  # noqa: F401  (diffusers resolves the tiny patch
 from artaug.config import ModelConfig
 from artaug.errors import ArtaugError
 from artaug.hub import BUILT_IN_MODELS, looks_local
-from artaug.lora.fuse import fuse_into_pipeline, fuse_into_transformer, lora_layers
+from artaug.lora.fuse import FusedWeights, lora_layers
 from artaug.models.tiny import build_tiny_flux
 from artaug.models.world_flux import build_world_flux
 
@@ -88,6 +88,14 @@ def _built_in_pipeline(cfg: ModelConfig, dtype: torch.dtype):
 
 def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
     """The FLUX pipeline on `device` with cfg.loras fused in order and no LoRA layers left."""
+    pipe, weights = load_synthesis(cfg, device)
+    weights.set(cfg.loras, cfg.lora_scale)
+    return pipe
+
+
+def load_synthesis(cfg: ModelConfig, device: torch.device | None = None) -> tuple:
+    """(the pipeline of cfg's source without LoRAs, the FusedWeights that set its LoRAs in place):
+    what a warm host keeps for a whole run, moving from round to round with `weights.set`."""
     check_source(cfg)
     device = device or pick_device(cfg)
     dtype = pick_dtype(cfg, device)
@@ -96,8 +104,8 @@ def load_pipeline(cfg: ModelConfig, device: torch.device | None = None):
         if cfg.source in BUILT_IN_MODELS
         else _from_source(FluxPipeline, cfg, dtype)
     )
-    fuse_into_pipeline(pipe, cfg.loras, cfg.lora_scale)
-    return _ready(pipe, device)
+    pipe = _ready(pipe, device)
+    return pipe, FusedWeights({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
 
 
 def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
@@ -123,10 +131,9 @@ def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype)
     if transformer.dtype != dtype:  # (a no-op cast still warns about modules kept in float32)
         transformer = transformer.to(dtype=dtype)
     transformer = transformer.to(device)
-    for index, path in enumerate(cfg.loras):
-        fuse_into_transformer(transformer, path, cfg.lora_scale, name=f"fused_{index}")
     if device.type == "cpu":
         _own_aligned_memory(transformer)
+    FusedWeights({"transformer": transformer}).set(cfg.loras, cfg.lora_scale)
     return transformer
 
 

@@ -119,7 +119,7 @@ class Worker:
             kept = index == len(phases) - 1
             if self.step >= end:  # finished before a restart: LoRA-1 comes back from the checkpoint
                 if not kept:
-                    fuse_into_transformer(self.transformer, self.phase1_file, name="phase1")
+                    fuse_into_transformer(self.transformer, self.phase1_file)
                 continue
             engine = self._start_phase(index)
             if self.step > start:
@@ -256,7 +256,7 @@ class Worker:
         save_lora(self.phase1_file, weights, self.lora_config, self._metadata("phase1"))
         engine.destroy()
         self.transformer.unload_lora()
-        fuse_into_transformer(self.transformer, self.phase1_file, name="phase1")
+        fuse_into_transformer(self.transformer, self.phase1_file)
         self._checkpoint(None)
 
     def _finish(self, engine, index: int) -> None:
