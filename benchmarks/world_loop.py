@@ -190,7 +190,7 @@ def _scored_images(scores_dir: str) -> dict:
 def _unchanged_images(run_dir: str) -> dict:
     """The run's own held-out set (its run.yaml), every difference 0 and no base score."""
     from artaug.config import load_config
-    from artaug.loop.runner import eval_prompts
+    from artaug.loop.prompt_sets import eval_prompts
 
     cfg = load_config(path=os.path.join(run_dir, "run.yaml"))
     return {

@@ -33,7 +33,7 @@ from artaug.stages.generate import generate
 
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "labels": {"artaug-node-type": "gpu"}}
 CRITIC_NODE = {"num_cpus": 8, "num_gpus": 8, "labels": {"artaug-node-type": "critic"}}
-GENERATOR = "FluxGenerator"
+GENERATOR = "ModelHost"
 
 
 def config(**overrides):

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from torchvision.transforms import GaussianBlur
 
 from artaug.config import load_config
-from artaug.loop.runner import eval_prompts, train_prompts
+from artaug.loop.prompt_sets import eval_prompts, train_prompts
 from artaug.lora.files import save_lora
 from artaug.lora.fuse import fuse_into_transformer, lora_layers
 from artaug.models.sampling import region_mask
@@ -123,8 +123,9 @@ def test_the_regional_job_gets_the_chosen_global_prompt(choice):
     """A critique with global adjustments and no regions: only "original" leaves the image unchanged."""
     cfg = tiny_config(**{"enhance.global_prompt": choice})
     row = {"prompt_id": "p0", "seed": 3, "round": 1, "prompt": "a lighthouse by the sea",
-           "image": b"x", "width": 64, "height": 64, "steps": 2, "guidance": 3.5, "error": None}  # fmt: skip
-    pair = Enhancer(cfg, {"p0|3|1": json.dumps(CRITIQUE)})._plan(row)
+           "image": b"x", "width": 64, "height": 64, "steps": 2, "guidance": 3.5, "error": None,
+           "critique": json.dumps(CRITIQUE)}  # fmt: skip
+    pair = Enhancer(cfg)._plan(row)
     expected = global_prompt(row["prompt"], CRITIQUE, choice)
     assert pair["enhance_prompt"] == expected
     assert pair.get("_work", False) == (choice != "original") and pair["unchanged"] == (choice == "original")

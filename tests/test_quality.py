@@ -431,7 +431,7 @@ def test_shipped_prompt_sets_are_large_varied_and_disjoint():
 
 def test_the_world_s_held_out_prompts_are_48_scenes_x_2_seeds_apart_from_its_training_prompts():
     from artaug.config import load_config
-    from artaug.loop.runner import eval_prompts, train_prompts
+    from artaug.loop.prompt_sets import eval_prompts, train_prompts
 
     cfg = load_config("world")
     held = eval_prompts(cfg).rows

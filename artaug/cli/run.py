@@ -26,8 +26,9 @@ def cmd_run(args) -> int:
     from artaug import storage
     from artaug.hub import apply
     from artaug.layout import RunLayout
+    from artaug.loop.prompt_sets import check_prompts
     from artaug.loop.report import summary_table
-    from artaug.loop.runner import Loop, check_prompts, reopen, start
+    from artaug.loop.runner import Loop, reopen, start
     from artaug.runlock import hold
 
     if args.resume:

@@ -208,7 +208,7 @@ def cmd_train(args) -> int:
 @_into_run(stage_is_out=True)
 def cmd_evaluate(args) -> int:
     from artaug import storage
-    from artaug.loop.runner import eval_prompts
+    from artaug.loop.prompt_sets import eval_prompts
     from artaug.models.synthesis import model_of_round
     from artaug.prompts import read_prompts
     from artaug.stages.evaluate import evaluate

@@ -117,7 +117,7 @@ class GenerateConfig:
     batch_size: Count = 4
     """Prompts per generation call within one actor (rows with equal settings are batched)."""
     num_actors: Count = 2
-    """Generation actors (model replicas) in the Ray Data actor pool."""
+    """Synthesis hosts (model replicas kept warm for the run: generate, enhance, evaluation)."""
     blocks: NonNegativeInt = 0
     """Ray Data blocks the prompts are split into; 0 means 4 per actor."""
     resources: Resources = field(default_factory=cpu_only)

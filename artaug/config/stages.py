@@ -113,7 +113,7 @@ class ScorersConfig:
     batch_size: Count = 8
     """Rows per scoring batch (each row holds one or two images)."""
     num_actors: Count = 1
-    """Scoring actors (each holds every selected scorer) in the Ray Data actor pool."""
+    """Scorer hosts (each holds every scorer asked of it) kept warm for the run (`stages.hosts`)."""
     device: Device = "cpu"
     """Device scorers run on: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda"."""
     cache_dir: Text = "~/.cache/artaug"

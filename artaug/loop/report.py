@@ -55,6 +55,10 @@ def summary_table(manifest: dict) -> str:
             f"{k:>5}  {stages.get('generate', {}).get('rows') or 0:>5}  {filt.get('accepted', 0):>8}"
             f"  {number(gain, '+.4f'):>9}  {seconds:>8.1f}  {status}"
         )
+    for role, h in sorted((manifest.get("hosts") or {}).items()):
+        loads = sum(h["loads"].values())
+        lines.append(f"model hosts, {role}: {h['hosts']} host(s), {loads} model load(s), "
+                     f"{h['calls']} calls, busy {number(h.get('busy_fraction'), '.0%')}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +98,7 @@ def write_report(run_dir: str, status: str | None = None) -> dict:
         _round_section(page, layout, int(k), cfg)
     _evaluation_section(page, layout, cfg)
     page.add("<h2>Stage timings</h2>" + _timings(manifest))
+    page.add("<h2>Model hosts</h2>" + _hosts(manifest))
     page.add(
         "<h2>Environment</h2><pre>"
         + escape(json.dumps({k: manifest.get(k) for k in ("models", "packages", "host")}, indent=1))
@@ -304,6 +309,20 @@ def _timings(manifest: dict) -> str:
                 f"<td>{s.get('errors') or 0}</td><td>{'' if seconds is None else f'{seconds:.1f}'}</td></tr>"
             )
     head = "<tr><th>when</th><th>stage</th><th>status</th><th>rows</th><th>errors</th><th>seconds</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _hosts(manifest: dict) -> str:
+    """Per role: how often models were loaded and how busy the hosts were (where the run idles)."""
+    rows = []
+    for role, h in sorted((manifest.get("hosts") or {}).items()):
+        loads = ", ".join(f"{kind} {n}" for kind, n in sorted(h["loads"].items())) or "none"
+        busy = "" if h.get("busy_fraction") is None else f"{h['busy_fraction']:.1%}"
+        rows.append(f"<tr><td>{escape(role)}</td><td>{h['hosts']}</td><td>{escape(loads)}</td>"
+                    f"<td>{h['calls']}</td><td>{h['rows']}</td><td>{busy}</td></tr>")  # fmt: skip
+    if not rows:
+        return "<p>No model hosts (no stage that loads a model ran in this run's process).</p>"
+    head = "<tr><th>role</th><th>hosts</th><th>model loads</th><th>calls</th><th>rows</th><th>busy</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
 

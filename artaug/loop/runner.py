@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from importlib import resources
 
 import pyarrow.parquet as pq
 
@@ -34,17 +33,19 @@ from artaug.layout import RunLayout
 from artaug.loop import resume
 from artaug.loop.manifest import Manifest, RunDirError, config_hash
 from artaug.loop.observe import install_log_context, log_context, record_stage
+from artaug.loop.prompt_sets import eval_prompts, train_prompts
 from artaug.loop.report import write_report
 from artaug.lora.algebra import combine_rounds
 from artaug.lora.files import check_finite
 from artaug.models.synthesis import enhanced_model, model_of_round
-from artaug.prompts import PromptSet, read_prompts
+from artaug.prompts import PromptSet
 from artaug.stages.contract import reusable_summary, run_stage
 from artaug.stages.critique import critique
 from artaug.stages.enhance import enhance
 from artaug.stages.evaluate import evaluate
 from artaug.stages.filter import filter_pairs
 from artaug.stages.generate import generate
+from artaug.stages.hosts import Hosts, hosts_hold_gpus, hosts_summary
 from artaug.stages.train import train
 from artaug.train.latents import PairsError, eligible_pairs
 
@@ -94,53 +95,13 @@ def reopen(run_dir: str, overrides: list[str] = (), record: bool = False) -> tup
     return cfg, manifest
 
 
-# The prompt sets shipped with artaug (`loop.prompt_set`): (training prompts, held-out prompts), used
-# when `prompts` / `loop.eval_prompts` are empty.
-SHIPPED_PROMPTS = {
-    "demo": ("prompts.txt", "eval_prompts.txt"),
-    "train": ("train_prompts.txt", "eval_prompts.txt"),
-    "world": ("world_train_prompts.txt", "world_eval_prompts.jsonl"),
-}
-
-
-def train_prompts(cfg: RunConfig, round_index: int = 1) -> PromptSet:
-    """Round k's prompts: the first `loop.max_prompts`, or with `loop.new_prompts_each_round` the k-th
-    run of `max_prompts` prompts of the file (wrapping around when the file runs out)."""
-    limit, shipped = cfg.loop.max_prompts, SHIPPED_PROMPTS[cfg.loop.prompt_set][0]
-    if not (limit and cfg.loop.new_prompts_each_round):
-        return _prompts(cfg, cfg.prompts, shipped, limit)
-    read = _prompts(cfg, cfg.prompts, shipped, limit * round_index)  # reading stops after round k's
-    if not read.rows:
-        return read
-    start = (round_index - 1) * limit % len(read.rows)
-    return dataclasses.replace(read, rows=(read.rows[start:] + read.rows[:start])[:limit])
-
-
-def eval_prompts(cfg: RunConfig) -> PromptSet:
-    shipped = SHIPPED_PROMPTS[cfg.loop.prompt_set][1]
-    return _prompts(cfg, cfg.loop.eval_prompts, shipped, cfg.loop.eval_max_prompts)
-
-
-def check_prompts(cfg: RunConfig) -> None:
-    """Read the run's prompt files now (bounded), so a bad one is refused before anything is written."""
-    train_prompts(cfg, cfg.loop.rounds)  # the last round reads the most
-    if cfg.loop.evaluate:
-        eval_prompts(cfg)
-
-
-def _prompts(cfg: RunConfig, path: str, shipped: str, limit: int) -> PromptSet:
-    if path:
-        return read_prompts(path, limit, cfg.generate)
-    with resources.as_file(resources.files("artaug.presets") / shipped) as local:
-        return read_prompts(str(local), limit, cfg.generate)
-
-
 class Loop:
     """Runs (or resumes) the rounds and the final stages, keeping the manifest in step."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, manifest: Manifest):
         self.cfg, self.layout, self.manifest = cfg, RunLayout(run_dir), manifest
         self.engine: WarmEngine | None = None
+        self.hosts: Hosts | None = None
         self.attempt = 0
 
     def run(self, resumed: bool = False) -> dict:
@@ -153,6 +114,7 @@ class Loop:
         with log_context(run=self.cfg.name):
             try:
                 init_ray(self.cfg.ray, output=self.layout.root)
+                self.hosts = Hosts(self.cfg)
                 if WarmEngine.applies(self.cfg.critique, self.cfg.loop.persistent_critic):
                     self.engine = WarmEngine(
                         self.cfg.critique, critic_model(self.cfg.critique), local=self._local
@@ -165,6 +127,9 @@ class Loop:
             finally:
                 if self.engine is not None:
                     self.engine.close()
+                if self.hosts is not None:
+                    self._record_hosts()
+                    self.hosts.close()
         self.manifest.finish(self._ending)
         return self.manifest.data
 
@@ -194,15 +159,14 @@ class Loop:
             self.engine.start()  # the engine loads while this round generates
         step = lambda name, work, **kw: self._step(k, name, d.stage(name), label, work, **kw)  # noqa: E731
         # generate and enhance keep the complete parts of a stopped attempt (`artaug.stages.parts`)
-        step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k),
+        step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k, hosts=self.hosts),
              keep_partial=True)  # fmt: skip
         step("critique", lambda: critique(cfg, d.stage("generate"), d.stage("critique"),
                                           endpoint=self._critic_endpoint(), overwrite=True))  # fmt: skip
-        step("enhance", lambda: enhance(cfg, d.stage("generate"), d.stage("critique"), d.stage("enhance")),
-             keep_partial=True)  # fmt: skip
-        verdict = step(
-            "filter", lambda: filter_pairs(cfg, d.stage("enhance"), d.stage("filter"), overwrite=True)
-        )
+        step("enhance", lambda: enhance(cfg, d.stage("generate"), d.stage("critique"), d.stage("enhance"),
+                                        hosts=self.hosts), keep_partial=True)  # fmt: skip
+        verdict = step("filter", lambda: filter_pairs(cfg, d.stage("enhance"), d.stage("filter"),
+                                                      hosts=self.hosts, overwrite=True))  # fmt: skip
         stop = self._stop_reason(verdict, d.stage("filter"))
         if stop:
             log.warning("%s: %s; the loop stops before training this round", label, stop)
@@ -211,12 +175,19 @@ class Loop:
                 self.manifest.stage(k, name).update(status="skipped", reason=stop)
             self.manifest.set(stopped_early={"round": k, "reason": stop})
             return None
+        if hosts_hold_gpus(cfg):  # training needs them (docs/architecture.md, "Warm hosts")
+            self.hosts.release()
         step(
             "train", lambda: train(cfg, d.stage("filter"), d.stage("train"), round_index=k), keep_partial=True
         )
         lora = d.train.lora
         step("register", lambda: run_stage("register", d.stage("register"), lambda: register(lora, earlier)))
         return lora
+
+    def _record_hosts(self) -> None:
+        """The hosts' counters so far (loads, calls, busy fraction) into the manifest."""
+        if self.hosts is not None:
+            self.manifest.set(hosts=hosts_summary(self.hosts.stats()))
 
     @property
     def _local(self) -> bool:
@@ -258,7 +229,8 @@ class Loop:
             base, enhanced = evaluated_models(cfg, layout)
             self._step("final", "evaluate", layout.evaluate, "final", lambda: evaluate(
                 cfg, eval_prompts(cfg), layout.evaluate, base=base, enhanced=enhanced,
-                judge_endpoint=self._judge_endpoint(), overwrite=False), keep_partial=True)  # fmt: skip
+                judge_endpoint=self._judge_endpoint(), hosts=self.hosts, overwrite=False),
+                keep_partial=True)  # fmt: skip
         self._step("final", "report", layout.report, "final",
                    lambda: write_report(layout.root, status=self._ending), redo=True)  # fmt: skip
 
@@ -302,6 +274,7 @@ class Loop:
                 self.manifest.stage_failed(k, name, err)
                 raise
             self.manifest.stage_done(k, name, summary)
+            self._record_hosts()
             record_stage(self.cfg.name, k, name, summary)
             _log_row_errors(stage_dir)
             print(f"[{label}] {name}: {_one_line(summary)}")

@@ -11,8 +11,7 @@ written, last. This module owns that protocol:
   `artaug.stages.parts`), starts or joins Ray, times the work and writes the
   marker. Whether a complete stage is skipped is the caller's decision (the loop's, or the user's).
 - `resolve_input` finds a stage's input: the folder itself or its `<stage>` sub-folder.
-- `read_stage` reads a stage's rows; `pool_options` turns a section's `Resources` into the Ray Data
-  actor-pool arguments every model-holding stage uses.
+- `read_stage` reads a stage's rows.
 """
 
 from __future__ import annotations
@@ -25,11 +24,10 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from artaug import storage
-from artaug.cluster import init_ray, ray_resources
-from artaug.config import RayConfig, Resources
+from artaug.cluster import init_ray
+from artaug.config import RayConfig
 from artaug.errors import ArtaugError
 
 log = logging.getLogger(__name__)
@@ -145,9 +143,3 @@ def reusable_summary(stage_dir: str) -> dict | None:
         log.warning("%s: running it again", err)
         storage.remove(storage.join(stage_dir, storage.SUCCESS))
         return None
-
-
-def pool_options(resources: Resources, actors: int) -> dict:
-    """`map_batches` arguments for a pool of `actors` model-holding actors with these resources."""
-    options = ray_resources(resources)
-    return {"compute": ray.data.ActorPoolStrategy(size=actors), **options}

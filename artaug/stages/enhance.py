@@ -7,7 +7,7 @@ Modes (`enhance.mode`):
   prompt at `img2img_strength`;
 - photometric: the critique's global adjustments applied to the original pixels.
 A row whose critique failed, or that gives nothing this mode can use, becomes a pair marked
-`unchanged` (after = before): counted, never dropped. Runs on the generate stage's actor pool settings.
+`unchanged` (after = before): counted, never dropped. Runs on the synthesis hosts (`stages.hosts`).
 
     artaug enhance --images out/generate --critiques out/critique --out out/
 """
@@ -28,12 +28,14 @@ from artaug.config import RunConfig
 from artaug.errors import ArtaugError
 from artaug.images import BadImageError, decode_image, png_bytes
 from artaug.models.sampling import Job, Region, sample
-from artaug.models.synthesis import check_source, load_pipeline
+from artaug.models.synthesis import check_source
 from artaug.photometric import apply_adjustments
 from artaug.rows import CRITIQUE, GENERATE, PAIR
 from artaug.stages import parts as part_files
 from artaug.stages.batching import run_in_groups
-from artaug.stages.contract import pool_options, read_stage, resolve_input, stage
+from artaug.stages.contract import read_stage, resolve_input, stage
+from artaug.stages.generator import host_pipeline
+from artaug.stages.hosts import Hosts, ModelHost, hosts_for, map_on_hosts
 
 IDS = ("prompt_id", "seed", "round")
 
@@ -47,15 +49,14 @@ def key(row: dict) -> str:
 
 
 class Enhancer:
-    """Ray Data actor: holds the pipeline (regional, img2img) and turns image rows into pair rows."""
+    """Work class for a synthesis host (or alone, loading its own pipeline): image rows, each with its
+    critique (`with_critiques`), to pair rows."""
 
-    def __init__(self, cfg: RunConfig, critiques: dict[str, str | None]):
-        torch.set_num_threads(cfg.generate.resources.torch_threads)
+    def __init__(self, cfg: RunConfig, host: ModelHost | None = None):
         self.cfg, self.settings = cfg, cfg.enhance
-        self.critiques = critiques
         self.pipe = self.img2img = None
         if self.settings.mode != "photometric":
-            self.pipe = load_pipeline(cfg.model)
+            self.pipe = host_pipeline(host, cfg.model)
         if self.settings.mode == "img2img":
             self.img2img = FluxImg2ImgPipeline(**self.pipe.components)
 
@@ -75,7 +76,7 @@ class Enhancer:
         if row.get("error") or not row.get("image"):
             pair["error"] = f"no image: generation failed: {row.get('error')}"
             return pair
-        critique = self.critiques.get(key(row))
+        critique = row.get("critique")
         if critique is None:
             return self._unchanged(pair)
         critique = json.loads(critique)
@@ -160,6 +161,12 @@ def global_prompt(prompt: str, critique: dict, choice: str) -> str:
     return prompt
 
 
+def with_critiques(batch: pa.Table, critiques: dict[str, str | None]) -> pa.Table:
+    """Ray Data task: each image row with its critique (JSON, or null) in a `critique` column."""
+    ids = batch.select(list(IDS)).to_pylist()
+    return batch.append_column("critique", pa.array([critiques.get(key(r)) for r in ids], pa.string()))
+
+
 def load_critiques(critique_dir: str) -> dict[str, str | None]:
     """{image key: critique JSON, or None when the critic gave no usable answer}."""
     fs, path = storage.resolve(critique_dir)
@@ -197,22 +204,19 @@ def _checks(cfg: RunConfig, images: str, critiques: str, *_, **__) -> None:
 
 
 @stage("enhance", resumable=True, checks=_checks)
-def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str) -> dict:
+def enhance(cfg: RunConfig, images: str, critiques: str, stage_dir: str, hosts: Hosts | None = None) -> dict:
     """Pair every generated image with its enhancement into `stage_dir` (keeping an earlier attempt's
-    complete parts: `artaug.stages.parts`); returns the summary."""
+    complete parts: `artaug.stages.parts`) on the run's warm `hosts` (else hosts of its own); returns
+    the summary."""
     generate_dir, critique_map = _inputs(images, critiques)
     inputs = storage.read_summary(generate_dir), critique_map
     key = part_files.fingerprint(cfg.model, cfg.enhance, cfg.generate, *inputs)
     done = part_files.resume(stage_dir, key)
     rows = part_files.without(ray.data.read_parquet(generate_dir, file_extensions=["parquet"]), done)
-    pairs = rows.map_batches(
-        Enhancer,
-        fn_constructor_kwargs={"cfg": cfg, "critiques": critique_map},
-        batch_size=cfg.generate.batch_size,
-        batch_format="pyarrow",
-        **pool_options(cfg.generate.resources, cfg.generate.num_actors),
-    )
-    written = part_files.write(pairs, stage_dir, key)
+    rows = rows.map_batches(with_critiques, fn_kwargs={"critiques": critique_map}, batch_format="pyarrow")
+    with hosts_for(cfg, hosts) as warm:
+        pairs = map_on_hosts(rows, warm.pool("synthesis"), Enhancer, {"cfg": cfg}, cfg.generate.batch_size)
+        written = part_files.write(pairs, stage_dir, key)
     table = read_stage(stage_dir, columns=["unchanged", "error"])
     errors = sum(1 for e in table.column("error").to_pylist() if e)
     unchanged = sum(1 for u in table.column("unchanged").to_pylist() if u)

@@ -24,6 +24,7 @@ from artaug.config import FilterConfig, RunConfig
 from artaug.rows import PAIR
 from artaug.scorers.base import scorers_for_columns
 from artaug.stages.contract import StageInputError, read_stage, resolve_input, stage
+from artaug.stages.hosts import Hosts, hosts_for
 from artaug.stages.scoring import check_sources, score_images, scored_schema
 
 IMAGES = ("before", "after")
@@ -92,16 +93,21 @@ def _checks(cfg: RunConfig, pairs: str, *_, **__) -> None:
 
 
 @stage("filter", checks=_checks)
-def filter_pairs(cfg: RunConfig, pairs: str, stage_dir: str) -> dict:
-    """Score and judge the pairs at `pairs` (PATH or PATH/enhance) into `stage_dir`; returns the summary."""
+def filter_pairs(cfg: RunConfig, pairs: str, stage_dir: str, hosts: Hosts | None = None) -> dict:
+    """Score and judge the pairs at `pairs` (PATH or PATH/enhance) into `stage_dir` on the run's warm
+    scorer `hosts` (else hosts of its own); returns the summary."""
     rule, scorers = cfg.filter, cfg.scorers
     names = scorer_names(rule)
     safety = cfg.safety if rule.safety else None
     source = resolve_input(pairs, "enhance", tuple(PAIR.names), require_complete=False)
     scored = scored_schema(PAIR, names, IMAGES, safety is not None)
     ds = ray.data.read_parquet(source, file_extensions=["parquet"], schema=PAIR)
-    ds = score_images(ds.repartition(max(1, 2 * scorers.num_actors)), scorers, names, safety, IMAGES, scored)
-    ds.map_batches(apply_decisions, fn_kwargs={"cfg": rule}, batch_format="pyarrow").write_parquet(stage_dir)
+    ds = ds.repartition(max(1, 2 * scorers.num_actors))
+    with hosts_for(cfg, hosts) as warm:
+        ds = score_images(ds, warm, scorers, names, safety, IMAGES, scored)
+        ds.map_batches(apply_decisions, fn_kwargs={"cfg": rule}, batch_format="pyarrow").write_parquet(
+            stage_dir
+        )
     fields = ("aesthetic", "alignment", "delta", "epsilon", "safety", "keep_unchanged")
     return {**summarize(stage_dir, rule), "pairs_source": source, "scorers": names,
             "rule": {k: getattr(rule, k) for k in fields}}  # fmt: skip

@@ -1,4 +1,4 @@
-"""Generate stage: prompts -> images, on the FLUX actor pool (`artaug.stages.generator`).
+"""Generate stage: prompts -> images, on the synthesis hosts (`artaug.stages.generator`).
 
 artaug generate --prompts prompts.txt --out out/
 
@@ -17,6 +17,7 @@ from artaug.prompts import PromptSet
 from artaug.stages import parts
 from artaug.stages.contract import read_stage, stage
 from artaug.stages.generator import generated_images
+from artaug.stages.hosts import Hosts, hosts_for
 
 
 def _checks(cfg: RunConfig, *_, **__) -> None:
@@ -24,16 +25,18 @@ def _checks(cfg: RunConfig, *_, **__) -> None:
 
 
 @stage("generate", resumable=True, checks=_checks)
-def generate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, round_index: int = 1) -> dict:
+def generate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, round_index: int = 1,
+             hosts: Hosts | None = None) -> dict:  # fmt: skip
     """Generate an image for every prompt into `stage_dir` (keeping an earlier attempt's complete
-    parts); returns the summary."""
+    parts) on the run's warm `hosts` (else hosts of its own); returns the summary."""
     start = time.perf_counter()
     key = parts.fingerprint(cfg.model, cfg.generate, round_index, prompts.rows)
     done = parts.resume(stage_dir, key)
     todo = [row for row in prompts.rows if row["prompt_id"] not in done]
     if todo:
         todo_set = dataclasses.replace(prompts, rows=todo)
-        parts.write(generated_images(cfg, todo_set, round_index), stage_dir, key)
+        with hosts_for(cfg, hosts) as warm:
+            parts.write(generated_images(cfg, todo_set, warm, round_index), stage_dir, key)
     summary = summarize(stage_dir)
     rate = round(len(todo) / (time.perf_counter() - start), 4)
     return {

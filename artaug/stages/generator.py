@@ -1,41 +1,53 @@
-"""The FLUX actor pool that turns prompt rows into image rows: the generate stage's transformation,
-also used by the evaluation to generate with the base and the enhanced model.
+"""FLUX on the warm synthesis hosts: prompt rows into image rows (the generate stage's transformation,
+also the evaluation's generations with the base and the enhanced model), and the pipeline a host
+holds for the model a call asks for (`host_pipeline`, shared with the enhance stage).
 
-Each actor loads the synthesis model once and generates batches of rows that share settings with our
-sampling loop (`artaug.models.sampling`, identical to diffusers' FluxPipeline), one torch.Generator
-per row, so a row's image depends only on its own prompt, seed and settings. A row whose generation
-raises becomes an error row; the others finish.
+Batches of rows that share settings go through our sampling loop (`artaug.models.sampling`,
+identical to diffusers' FluxPipeline), one torch.Generator per row, so a row's image depends only on
+its own prompt, seed and settings. A row whose generation raises becomes an error row; the others
+finish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import pyarrow as pa
 import ray
-import torch
 
-from artaug.config import RunConfig
+from artaug.config import ModelConfig, RunConfig
 from artaug.images import png_bytes
 from artaug.models.sampling import Job, sample
-from artaug.models.synthesis import check_source, load_pipeline
+from artaug.models.synthesis import check_source, load_pipeline, load_synthesis
 from artaug.prompts import PER_ROW_SETTINGS, PromptSet
 from artaug.rows import GENERATE
 from artaug.stages.batching import run_in_groups
-from artaug.stages.contract import pool_options
+from artaug.stages.hosts import Hosts, ModelHost, map_on_hosts
 
 log = logging.getLogger(__name__)
 
 
-class FluxGenerator:
-    """Ray Data actor: holds one pipeline and turns batches of prompt rows into image rows."""
+def host_pipeline(host: ModelHost | None, model: ModelConfig):
+    """The pipeline of `model`: on a host, its one pipeline of that base model with `model.loras` set
+    in place (`lora.fuse.FusedWeights`: the bits of a fresh load); without a host, a fresh load."""
+    if host is None:
+        return load_pipeline(model)
+    base = dataclasses.replace(model, loras=[], lora_scale=1.0)
+    pipe, weights = host.cached("synthesis", repr(base), lambda: load_synthesis(base))
+    if weights.set(model.loras, model.lora_scale):
+        host.count("weight_sets")
+    return pipe
 
-    def __init__(self, cfg: RunConfig, round_index: int = 1):
-        torch.set_num_threads(cfg.generate.resources.torch_threads)
+
+class FluxGenerator:
+    """Work class for a synthesis host (or alone, loading its own pipeline): prompt rows to image rows."""
+
+    def __init__(self, cfg: RunConfig, round_index: int = 1, host: ModelHost | None = None):
         self.cfg = cfg
         self.round_index = round_index
-        self.pipe = load_pipeline(cfg.model)
+        self.pipe = host_pipeline(host, cfg.model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._settle(row) for row in batch.to_pylist()]
@@ -111,16 +123,19 @@ def _row_problem(row: dict, max_side: int) -> str | None:
     return None
 
 
-def generated_images(cfg: RunConfig, prompts: PromptSet, round_index: int = 1) -> ray.data.Dataset:
-    """The image rows (rows.GENERATE) of `prompts` with the model of cfg.model, as a lazy dataset."""
+def generated_images(
+    cfg: RunConfig, prompts: PromptSet, hosts: Hosts, round_index: int = 1
+) -> ray.data.Dataset:
+    """The image rows (rows.GENERATE) of `prompts` with the model of cfg.model, as a lazy dataset
+    computed on the synthesis hosts."""
     check_source(cfg.model)
     columns = ("prompt_id", "prompt", "index", *PER_ROW_SETTINGS)
     rows = [{c: row.get(c) for c in columns} for row in prompts.rows]  # uniform: one schema for all blocks
     blocks = min(len(rows), cfg.generate.blocks or 4 * cfg.generate.num_actors)
-    return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+    return map_on_hosts(
+        ray.data.from_items(rows, override_num_blocks=blocks),
+        hosts.pool("synthesis"),
         FluxGenerator,
-        fn_constructor_kwargs={"cfg": cfg, "round_index": round_index},
-        batch_size=cfg.generate.batch_size,
-        batch_format="pyarrow",
-        **pool_options(cfg.generate.resources, cfg.generate.num_actors),
+        {"cfg": cfg, "round_index": round_index},
+        cfg.generate.batch_size,
     )

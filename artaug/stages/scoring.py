@@ -1,21 +1,21 @@
-"""A Ray Data actor that scores the images in one or more binary columns of each row.
+"""Scoring the images in one or more binary columns of each row, on the warm scorer hosts.
 
-Every selected scorer and the safety checker are loaded once per actor. For each image column C and
-score column S it adds `S_C` (float, null when the image is missing or corrupt); with safety it adds
-`unsafe_C`, `safety_margin_C` and `unsafe_concept_C`; `image_problem` says which images were unusable
-and why. Used by the filter (columns before/after) and by evaluation (base/lora).
+Every selected scorer and the safety checker are loaded once per host and kept for the run. For
+each image column C and score column S it adds `S_C` (float, null when the image is missing or
+corrupt); with safety it adds `unsafe_C`, `safety_margin_C` and `unsafe_concept_C`; `image_problem`
+says which images were unusable and why. Used by the filter (columns before/after) and by evaluation
+(base/lora).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
-import torch
 
 from artaug.config import SafetyConfig, ScorersConfig
 from artaug.images import BadImageError, decode_image
 from artaug.scorers.base import SCORERS, build_scorer, check_scorer_sources, check_source, pick_device
 from artaug.scorers.safety import ClipConceptChecker, concept_thresholds
-from artaug.stages.contract import pool_options
+from artaug.stages.hosts import Hosts, ModelHost, map_on_hosts
 
 
 def score_columns(names: list[str]) -> list[str]:
@@ -47,16 +47,21 @@ def check_sources(names: list[str], scorers: ScorersConfig, safety: SafetyConfig
 
 
 class ImageScorer:
-    """Ray Data actor: batches of rows in, the same rows with score columns out."""
+    """Work class for a scorer host (or alone, loading its own scorers): rows in, the same rows with
+    score columns out."""
 
     def __init__(self, scorers: ScorersConfig, names: list[str], safety: SafetyConfig | None,
-                 image_columns: tuple[str, ...], schema: pa.Schema):  # fmt: skip
-        torch.set_num_threads(scorers.resources.torch_threads)
+                 image_columns: tuple[str, ...], schema: pa.Schema,
+                 host: ModelHost | None = None):  # fmt: skip
         device = pick_device(scorers.device)
-        self.scorers = [build_scorer(name, scorers, device) for name in names]
+
+        def kept(kind: str, key: str, build):
+            return build() if host is None else host.cached(kind, f"{key} {scorers!r}", build)
+
+        self.scorers = [kept("scorer", n, lambda n=n: build_scorer(n, scorers, device)) for n in names]
         self.safety = None
         if safety is not None:
-            self.safety = ClipConceptChecker(safety, scorers, device)
+            self.safety = kept("safety", repr(safety), lambda: ClipConceptChecker(safety, scorers, device))
         self.image_columns = image_columns
         self.schema = schema
 
@@ -100,18 +105,9 @@ class ImageScorer:
                             f"unsafe_concept_{column}": result.concept})  # fmt: skip
 
 
-def score_images(ds, scorers: ScorersConfig, names: list[str], safety, image_columns, schema: pa.Schema):
-    """`ds` with every image column scored by an ImageScorer actor pool sized from `scorers`."""
-    return ds.map_batches(
-        ImageScorer,
-        fn_constructor_kwargs={
-            "scorers": scorers,
-            "names": names,
-            "safety": safety,
-            "image_columns": image_columns,
-            "schema": schema,
-        },
-        batch_size=scorers.batch_size,
-        batch_format="pyarrow",
-        **pool_options(scorers.resources, scorers.num_actors),
-    )
+def score_images(ds, hosts: Hosts, scorers: ScorersConfig, names: list[str], safety, image_columns,
+                 schema: pa.Schema):  # fmt: skip
+    """`ds` with every image column scored on the scorer hosts."""
+    kwargs = {"scorers": scorers, "names": names, "safety": safety, "image_columns": image_columns,
+              "schema": schema}  # fmt: skip
+    return map_on_hosts(ds, hosts.pool("scorers"), ImageScorer, kwargs, scorers.batch_size)

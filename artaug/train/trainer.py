@@ -161,7 +161,8 @@ def _fit_one(
             resources_per_worker={"CPU": cfg.train.resources.cpus, **({"GPU": gpus} if gpus > 0 else {})},
             label_selector=label_selector(cfg.train.resources.node_labels),
         ),
-        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        # gloo for CPU tensors too: a worker Ray gave a GPU may still find no CUDA (a simulated cluster)
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if gpus > 0 else "gloo"),
         run_config=RayRunConfig(
             name=cfg.name,
             storage_path=path,

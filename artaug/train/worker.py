@@ -85,7 +85,8 @@ class Worker:
         torch.set_num_threads(self.settings.resources.torch_threads)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        # the device from torch, not from Ray's GPU assignment (a logical GPU has no CUDA behind it)
+        self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         bf16 = self.settings.precision == "bfloat16" or (
             self.settings.precision == "auto" and self.device.type == "cuda"
         )

@@ -25,12 +25,13 @@ from artaug import charts, storage
 from artaug.config import ConfigError, RunConfig, load_config
 from artaug.images import MAX_PIXELS, BadImageError, decode_image, png_bytes
 from artaug.loop.manifest import Manifest
+from artaug.loop.prompt_sets import train_prompts
 from artaug.loop.report import write_report
-from artaug.loop.runner import start, train_prompts
+from artaug.loop.runner import start
 from artaug.preview import contact_sheet
 from artaug.prompts import MAX_LINE_BYTES, PromptFileError, read_prompts
 from artaug.rows import GENERATE
-from artaug.stages.enhance import Enhancer, key
+from artaug.stages.enhance import Enhancer
 
 HOSTILE_IDS = ["../../etc/x", "/etc/passwd", "a\x00b", "x" * 300, "..", ".hidden", "a\\b", "line\nbreak"]
 
@@ -339,10 +340,10 @@ def test_enhance_turns_a_corrupt_image_into_that_rows_error():
                                             "note": ""}], "regions": [], "rewritten_prompt": ""})  # fmt: skip
     base = {"prompt": "a", "seed": 0, "round": 1, "width": 64, "height": 64, "steps": 4, "guidance": 3.5,
             "error": None, "warning": None, "seconds": 0.0}  # fmt: skip
-    rows = [{**base, "prompt_id": "bad", "image": _bomb_png(100_000, 100_000)},
-            {**base, "prompt_id": "good", "image": _noise_png(64)}]  # fmt: skip
-    enhancer = Enhancer(cfg, {key(row): critique for row in rows})
-    out = enhancer(pa.Table.from_pylist(rows, schema=GENERATE)).to_pylist()
+    rows = [{**base, "prompt_id": "bad", "image": _bomb_png(100_000, 100_000), "critique": critique},
+            {**base, "prompt_id": "good", "image": _noise_png(64), "critique": critique}]  # fmt: skip
+    schema = GENERATE.append(pa.field("critique", pa.string()))
+    out = Enhancer(cfg)(pa.Table.from_pylist(rows, schema=schema)).to_pylist()
     assert out[0]["error"].startswith("bad image:") and out[0]["after"] is None
     assert out[1]["error"] is None and out[1]["after"]
 

@@ -34,6 +34,7 @@ from artaug.stages.contract import StageInputError, read_stage, reusable_summary
 from artaug.stages.evaluate.metrics import IMAGES, compute_metrics, overlap_warnings
 from artaug.stages.evaluate.presentation import format_table, write_charts
 from artaug.stages.generator import generated_images
+from artaug.stages.hosts import Hosts, hosts_for
 from artaug.stages.scoring import check_sources, score_columns, score_images, scored_schema
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,11 @@ def _checks(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConfi
 
 @stage("evaluate", resumable=True, checks=_checks)
 def evaluate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConfig, enhanced: ModelConfig,
-             judge_endpoint: Callable[[], str] | None = None) -> dict:  # fmt: skip
+             judge_endpoint: Callable[[], str] | None = None,
+             hosts: Hosts | None = None) -> dict:  # fmt: skip
     """Compare `base` with `enhanced` (the models' own LoRAs fused) into `stage_dir`; returns the metrics.
+    Both generations and the scoring run on the run's warm `hosts` (else hosts of its own): one
+    synthesis host moves between the two models by setting its LoRAs in place.
 
     `judge_endpoint`, when given, is called for the URL of a judge engine the caller keeps warm (only
     once the judge is needed, so the engine loads while the images are generated).
@@ -80,15 +84,17 @@ def evaluate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConf
         log.warning(warning)
     model = judge_model(cfg) if cfg.evaluate.judge else None
     storage.write_text(storage.join(stage_dir, "run.yaml"), to_yaml(dataclasses.replace(cfg, model=enhanced)))
-    for label, which in zip(IMAGES, (base, enhanced), strict=True):
-        folder = storage.join(stage_dir, label, "generate")
-        if _reusable(folder, prompts):
-            log.info("reusing the completed %s generation in %s", label, folder)
-            continue
-        model_cfg = dataclasses.replace(cfg, model=which)
-        run_stage("generate", folder, lambda c=model_cfg, f=folder: _generate(c, prompts, f), overwrite=True)
-    pairs = joined_pairs(stage_dir)
-    scores = score_pairs(cfg, pairs, storage.join(stage_dir, "scores"))
+    with hosts_for(cfg, hosts) as warm:
+        for label, which in zip(IMAGES, (base, enhanced), strict=True):
+            folder = storage.join(stage_dir, label, "generate")
+            if _reusable(folder, prompts):
+                log.info("reusing the completed %s generation in %s", label, folder)
+                continue
+            model_cfg = dataclasses.replace(cfg, model=which)
+            run_stage("generate", folder, lambda c=model_cfg, f=folder: _generate(c, prompts, f, warm),
+                      overwrite=True)  # fmt: skip
+        pairs = joined_pairs(stage_dir)
+        scores = score_pairs(cfg, pairs, storage.join(stage_dir, "scores"), warm)
     judgements = None
     if cfg.evaluate.judge:
         judgements = judge_pairs(cfg, pairs.to_pylist(), model, judge_endpoint() if judge_endpoint else None)
@@ -102,8 +108,8 @@ def evaluate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConf
     return {"rows": len(prompts.rows), "prompts": prompts.source}
 
 
-def _generate(cfg: RunConfig, prompts: PromptSet, folder: str) -> dict:
-    generated_images(cfg, prompts).write_parquet(folder)
+def _generate(cfg: RunConfig, prompts: PromptSet, folder: str, hosts: Hosts) -> dict:
+    generated_images(cfg, prompts, hosts).write_parquet(folder)
     return {"rows": len(prompts.rows), "prompts_source": prompts.source}
 
 
@@ -129,12 +135,12 @@ def joined_pairs(stage_dir: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PAIRS)
 
 
-def score_pairs(cfg: RunConfig, pairs: pa.Table, folder: str) -> pa.Table:
+def score_pairs(cfg: RunConfig, pairs: pa.Table, folder: str, hosts: Hosts) -> pa.Table:
     safety = cfg.safety if cfg.evaluate.safety else None
     out_schema = scored_schema(PAIRS, cfg.evaluate.scorers, IMAGES, safety is not None)
     ds = ray.data.from_arrow(pairs).repartition(max(1, min(pairs.num_rows, 2 * cfg.scorers.num_actors)))
     storage.remove_tree(folder)
-    score_images(ds, cfg.scorers, cfg.evaluate.scorers, safety, IMAGES, out_schema).drop_columns(
+    score_images(ds, hosts, cfg.scorers, cfg.evaluate.scorers, safety, IMAGES, out_schema).drop_columns(
         list(IMAGES)
     ).write_parquet(folder)
     return read_stage(folder)

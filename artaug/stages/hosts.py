@@ -1,0 +1,221 @@
+"""Warm model hosts: Ray actors that keep models loaded for a whole run, called from Ray Data.
+
+A Ray Data actor pool dies with its dataset, so a pool per stage loads the synthesis model once per
+stage per round. Here the models live in `ModelHost` actors owned by the run (or by one stage command
+run alone), and the stages map thin Ray Data tasks over their rows (`map_on_hosts`) that hand each
+batch to a host: Ray Data keeps the sharding, streaming and back-pressure; the hosts keep the models.
+
+- A host runs any *work class*: `work(host=host, **kwargs)(batch) -> batch`, built per call (cheap)
+  and taking its models from the host's cache (`ModelHost.cached`): the FLUX generator and enhancer
+  take the pipeline (whose LoRAs are set in place for the model each call asks for), the scorers
+  theirs. The host imports no stage, so stages stay independent.
+- CPUs: an idle host holds none (`num_cpus=0`); the task calling it holds the CPUs of the pool's
+  `Resources` while its batch runs, so a warm host never starves training of CPUs. GPUs are held by
+  the host for its life (the loop releases GPU hosts before training: `Hosts.release`).
+- In flight: at most hosts x `inflight` calling tasks run at once; `Router` hands each the host
+  with the fewest calls running.
+- Faults: a host that dies is restarted once and the call retried (it loads its models again);
+  a row that fails inside a work class becomes that row's error, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import ray
+
+from artaug.cluster import gpus_for, ray_resources
+from artaug.config import Resources, RunConfig
+
+
+class ModelHost:
+    """Holds models for its life and runs work classes on batches of rows."""
+
+    def __init__(self, torch_threads: int):
+        import torch  # here, not at import: the calling tasks never load torch
+
+        torch.set_num_threads(torch_threads)
+        self._cache: dict = {}
+        self._born = time.monotonic()
+        self._stats = {"pid": os.getpid(), "loads": {}, "calls": 0, "rows": 0, "busy_s": 0.0}
+
+    def run(self, work: str, batch: pa.Table, **kwargs) -> pa.Table:
+        """`work` ("module:Class", imported here so the calling tasks never import torch)."""
+        start = time.perf_counter()
+        module, _, name = work.partition(":")
+        out = getattr(importlib.import_module(module), name)(host=self, **kwargs)(batch)
+        self._stats["calls"] += 1
+        self._stats["rows"] += batch.num_rows
+        self._stats["busy_s"] += time.perf_counter() - start
+        return out
+
+    def call(self, fn: Callable, *args):
+        """`fn(host, *args)` inside the host (e.g. to load a model before its first batch)."""
+        return fn(self, *args)
+
+    def cached(self, kind: str, key: str, build: Callable):
+        """The model `build()` made the first time (kind, key) was asked for; a build counts as a load."""
+        if (kind, key) not in self._cache:
+            self._cache[kind, key] = build()
+            self._stats["loads"][kind] = self._stats["loads"].get(kind, 0) + 1
+        return self._cache[kind, key]
+
+    def count(self, name: str) -> None:
+        self._stats[name] = self._stats.get(name, 0) + 1
+
+    def stats(self) -> dict:
+        return {**self._stats, "alive_s": time.monotonic() - self._born}
+
+
+class Router:
+    """Actor: which host a calling task uses, the one with the fewest calls running. It never blocks:
+    the number of calls in flight is bounded by the number of calling tasks (`map_on_hosts`), so a
+    count left behind by a caller that died (its node lost) only skews the choice."""
+
+    def __init__(self, hosts: int):
+        self.running = [0] * hosts
+
+    def acquire(self) -> int:
+        index = self.running.index(min(self.running))
+        self.running[index] += 1
+        return index
+
+    def release(self, index: int) -> None:
+        self.running[index] = max(0, self.running[index] - 1)
+
+
+@dataclass
+class HostPool:
+    """`size` ModelHost actors with one section's resources, and their router."""
+
+    role: str
+    resources: Resources
+    size: int
+    inflight: int = 1
+    handles: list = field(default_factory=list)
+    router: object = None
+
+    def __post_init__(self):
+        options = ray_resources(self.resources)
+        cpus = options.pop("num_cpus")
+        self.call_cpus = cpus  # held by the calling task while a batch runs
+        actor = ray.remote(ModelHost).options(num_cpus=0, max_restarts=1, max_task_retries=1, **options)
+        self.handles = [actor.remote(self.resources.torch_threads) for _ in range(self.size)]
+        self.router = ray.remote(Router).options(num_cpus=0).remote(self.size)
+
+    def broadcast(self, fn: Callable, *args) -> list:
+        """`fn(host, *args)` on every host, waited for."""
+        return ray.get([h.call.remote(fn, *args) for h in self.handles])
+
+    def stats(self) -> list[dict]:
+        return ray.get([h.stats.remote() for h in self.handles])
+
+    def close(self) -> None:
+        for handle in [*self.handles, self.router]:
+            ray.kill(handle)
+        self.handles = []
+
+
+def call_host(batch: pa.Table, pool: HostPool, work: str, kwargs: dict) -> pa.Table:
+    """Ray Data task: run `work` on one batch on the least busy host of `pool`."""
+    index = ray.get(pool.router.acquire.remote())
+    try:
+        return ray.get(pool.handles[index].run.remote(work, batch, **kwargs))
+    finally:
+        pool.router.release.remote(index)
+
+
+def map_on_hosts(ds: ray.data.Dataset, pool: HostPool, work: type, kwargs: dict, batch_size: int):
+    """`ds` with `work` applied to every batch on the pool's hosts (Ray Data tasks as callers)."""
+    return ds.map_batches(
+        call_host,
+        fn_kwargs={"pool": pool, "work": f"{work.__module__}:{work.__qualname__}", "kwargs": kwargs},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=pool.size * pool.inflight,
+        num_cpus=pool.call_cpus / pool.inflight,
+    )
+
+
+@dataclass
+class Hosts:
+    """The warm hosts of a run: FLUX (generate, enhance, the evaluation's generations) and scorers
+    (filter, evaluate). A pool is started on first use and lives until `close` (or `release`)."""
+
+    cfg: RunConfig
+    pools: dict[str, HostPool] = field(default_factory=dict)
+    closed_stats: dict[str, list[dict]] = field(default_factory=dict)
+
+    def pool(self, role: str) -> HostPool:
+        if role not in self.pools:
+            section = self.cfg.generate if role == "synthesis" else self.cfg.scorers
+            self.pools[role] = HostPool(role, section.resources, section.num_actors)
+        return self.pools[role]
+
+    def stats(self) -> dict[str, list[dict]]:
+        """Per role, every host's counters (pid, loads per model kind, calls, rows, busy seconds)."""
+        live = {role: pool.stats() for role, pool in self.pools.items()}
+        return {role: [*self.closed_stats.get(role, []), *live.get(role, [])]
+                for role in {*live, *self.closed_stats}}  # fmt: skip
+
+    def release(self, roles: tuple[str, ...] = ("synthesis", "scorers")) -> None:
+        """Stop these pools (their counters are kept); the next `pool(role)` starts new hosts."""
+        for role in roles:
+            pool = self.pools.pop(role, None)
+            if pool is not None:
+                self.closed_stats.setdefault(role, []).extend(pool.stats())
+                pool.close()
+
+    def close(self) -> None:
+        self.release(tuple(self.pools))
+
+
+@contextlib.contextmanager
+def hosts_for(cfg: RunConfig, hosts: Hosts | None):
+    """The run's hosts, or (a stage command run alone) hosts that live for this stage only."""
+    if hosts is not None:
+        yield hosts
+        return
+    own = Hosts(cfg)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def hosts_hold_gpus(cfg: RunConfig) -> bool:
+    """Warm hosts may hold GPUs that training needs: both ask for GPUs on nodes they could share (no
+    node labels, or the same ones). The loop then releases the hosts before training and the next
+    stage starts them again; a CPU run, or training on a node group of its own, keeps them."""
+    train = cfg.train.resources
+    if gpus_for(train) <= 0:
+        return False
+    return any(
+        gpus_for(r) > 0 and (not r.node_labels or not train.node_labels or r.node_labels == train.node_labels)
+        for r in (cfg.generate.resources, cfg.scorers.resources)
+    )
+
+
+def hosts_summary(stats: dict[str, list[dict]]) -> dict:
+    """Per role: hosts, processes, model loads by kind, calls, rows and the busy fraction (seconds in
+    calls / seconds alive, over all the role's hosts): where a run's hosts idle."""
+    summary = {}
+    for role, hosts in stats.items():
+        loads: dict[str, int] = {}
+        for host in hosts:
+            for kind, count in host["loads"].items():
+                loads[kind] = loads.get(kind, 0) + count
+        busy, alive = sum(h["busy_s"] for h in hosts), sum(h["alive_s"] for h in hosts)
+        summary[role] = {
+            "hosts": len(hosts), "processes": len({h["pid"] for h in hosts}), "loads": loads,
+            "weight_sets": sum(h.get("weight_sets", 0) for h in hosts),
+            "calls": sum(h["calls"] for h in hosts), "rows": sum(h["rows"] for h in hosts),
+            "busy_s": round(busy, 3), "busy_fraction": round(busy / alive, 4) if alive else None,
+        }  # fmt: skip
+    return summary

@@ -1,0 +1,96 @@
+"""Warm model hosts (`artaug.stages.hosts`): models loaded once per host for many stage calls, LoRAs
+set in place with the bits of a fresh load, a host lost mid-stage replaced without losing rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import threading
+import time
+
+import ray
+
+from artaug import storage
+from artaug.models.synthesis import model_of_round
+from artaug.prompts import read_prompts
+from artaug.stages.contract import read_stage
+from artaug.stages.generate import generate
+from artaug.stages.hosts import Hosts, hosts_hold_gpus, hosts_summary
+from tests.conftest import tiny_config
+from tests.test_models import make_lora
+
+
+def images(folder: str) -> dict[str, bytes]:
+    table = read_stage(folder, columns=["prompt_id", "image"])
+    return {row["prompt_id"]: row["image"] for row in table.to_pylist()}
+
+
+def test_one_host_serves_every_round_with_the_weights_of_a_fresh_load(ray_local, prompt_file, tmp_path):
+    prompts = read_prompts(prompt_file)
+    prompts.rows = prompts.rows[:4]
+    base = tiny_config(**{"generate.num_actors": 1})
+    lora = make_lora(tmp_path / "round1", seed=1)
+    round2 = dataclasses.replace(base, model=model_of_round(base.model, [lora]))
+    hosts = Hosts(base)
+    try:
+        runs = [("base", base), ("round2", round2), ("base-again", base), ("round2-again", round2)]
+        for name, cfg in runs:
+            generate(cfg, prompts, str(tmp_path / name), hosts=hosts)
+        summary = hosts_summary(hosts.stats())["synthesis"]
+    finally:
+        hosts.close()
+    assert summary["loads"] == {"synthesis": 1} and summary["processes"] == 1
+    assert summary["weight_sets"] == 3 and summary["rows"] == 16
+    generate(round2, prompts, str(tmp_path / "fresh"))  # hosts of its own: a fresh load of round 2
+    assert images(str(tmp_path / "base")) == images(str(tmp_path / "base-again"))
+    assert images(str(tmp_path / "round2")) == images(str(tmp_path / "round2-again"))
+    assert images(str(tmp_path / "round2")) == images(str(tmp_path / "fresh"))
+    assert images(str(tmp_path / "round2")) != images(str(tmp_path / "base"))
+
+
+def test_a_host_killed_mid_stage_is_replaced_and_every_row_is_written(ray_local, prompt_file, tmp_path):
+    prompts = read_prompts(prompt_file)
+    cfg = tiny_config(**{"generate.num_actors": 1, "generate.batch_size": 1, "generate.steps": 30})
+    hosts = Hosts(cfg)
+    outcome: dict = {}
+
+    def run() -> None:
+        outcome["summary"] = generate(cfg, prompts, str(tmp_path / "out"), hosts=hosts)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not _busy(hosts):
+        time.sleep(0.2)
+    (before,) = hosts.pool("synthesis").stats()
+    ray.kill(hosts.pool("synthesis").handles[0], no_restart=False)  # the process dies; Ray restarts it once
+    killed_mid_stage = not storage.is_complete(str(tmp_path / "out"))
+    worker.join(timeout=600)
+    (after,) = hosts.pool("synthesis").stats()
+    hosts.close()
+    assert killed_mid_stage and 0 < before["rows"] < 20
+    assert outcome["summary"]["images"] == len(prompts.rows) == 20
+    assert after["pid"] != before["pid"] and after["loads"] == {"synthesis": 1}  # a new process, loaded again
+    assert images(str(tmp_path / "out")).keys() == {row["prompt_id"] for row in prompts.rows}
+
+
+def _busy(hosts: Hosts) -> bool:
+    pool = hosts.pools.get("synthesis")
+    return bool(pool) and any(s["calls"] > 0 for s in pool.stats())
+
+
+def test_the_tasks_that_call_hosts_import_no_torch():
+    """Ray Data's calling tasks stay light: the work class travels by name, the host imports it."""
+    probe = "import sys, artaug.stages.hosts; print([m for m in ('torch', 'diffusers') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_hosts_are_released_before_training_only_where_training_needs_their_gpus():
+    assert not hosts_hold_gpus(tiny_config())  # the CPU default keeps its hosts through training
+    shared = {"generate.resources.gpus": 1, "train.resources.gpus": 1}
+    assert hosts_hold_gpus(tiny_config(**shared))  # one node group for both (flux-dev)
+    apart = {**shared, "generate.resources.node_labels": "artaug-node-type=gen",
+             "train.resources.node_labels": "artaug-node-type=train"}  # fmt: skip
+    assert not hosts_hold_gpus(tiny_config(**apart))
