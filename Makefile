@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Each builds .venv from the project's own files first
 # (scripts/install.sh is idempotent: a second run takes seconds).
-.PHONY: install run test bench lint method-check
+.PHONY: install run test test-quick bench lint method-check
 
 install:
 	bash scripts/install.sh
@@ -10,6 +10,10 @@ run: install
 
 test: install
 	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15
+
+# `make test` without the tests marked heavy (pyproject.toml: whole loops, jobs, vLLM engines, clusters).
+test-quick: install
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not heavy"
 
 bench: install
 	.venv/bin/python benchmarks/generate_throughput.py

@@ -254,7 +254,7 @@ def test_hub_settings_reach_the_driver_environment(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- several nodes
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_stages_on_a_simulated_multi_node_cluster(tmp_path):
     """Placement by node labels, logical GPUs vs the torch device, critic packing, and node loss."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

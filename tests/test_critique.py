@@ -91,6 +91,7 @@ def test_world_critic_via_cli_asks_in_the_world_s_words(images, tmp_path, capsys
     assert notes and set(notes) <= set(world.MIDDLE.values())
 
 
+@pytest.mark.heavy
 def test_vllm_backend_through_ray_data_llm(images, tmp_path):
     """The vLLM critic (the tiny random VLM) on the miniature world's pictures."""
     summary = critique(world_config(**{"critique.backend": "vllm"}), images, str(tmp_path / "critique"))

@@ -110,7 +110,7 @@ def start_head(node_env: dict, client_env: dict, attempts: int = 3) -> LocalHead
     raise AssertionError("unreachable")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_world_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket):
     hf_token = "hf_" + secrets.token_hex(16)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

@@ -7,8 +7,10 @@ evaluation with its verdict and the tiny VLM judge on one vLLM engine) on a CI-s
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from artaug.config import load_config
-from artaug.layout import RunLayout
+from artaug.layout import ROUND_STAGES, RunLayout
 from tests.conftest import free_port
 
 # Two rounds over the same 24 prompts and seeds (so round 2's first images show what round 1's LoRA
@@ -34,16 +36,15 @@ CI_SIZED = [
     "loop.eval_max_prompts=16", "loop.report_pairs=2",
     "loop.min_acceptance_rate=0", "loop.min_aesthetic_gain=-1",
     "generate.num_actors=1", "critique.concurrency=1", "train.checkpoint_every=20",
+    "train.num_workers=1", "train.grad_accumulation=2",
     "evaluate.judge=true", "evaluate.judge_tiny_seed=0", "evaluate.bootstrap_samples=200",
 ]  # fmt: skip
 
 
 def artaug(*args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "artaug.cli", *args], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, **popen,
-    )  # fmt: skip
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "artaug.cli", *args], env=env, **popen)
 
 
 def run_args(out: str) -> list[str]:
@@ -68,6 +69,7 @@ def finished_run(tmp_path_factory) -> tuple[str, str]:
     return run_dir, finish(artaug(*run_args(run_dir)))
 
 
+@pytest.mark.heavy
 def test_run_completes_every_stage(finished_run):
     run_dir, output = finished_run
     data = manifest(run_dir)
@@ -87,11 +89,26 @@ def test_run_completes_every_stage(finished_run):
     assert {"torch", "diffusers", "ray", "deepspeed"} <= set(data["packages"])
     assert data["models"]["synthesis"]["source"] == "world" and data["host"]["cpus"] >= 1
     assert len(data["config_hash"]) == 16
-    for line in ("report:", "LoRA:", "manifest:", "round  ", "accepted"):
+    # Warm hosts: one synthesis host loaded the world model once for both rounds' generate and
+    # enhance and the evaluation's base and enhanced generations; one scorer host served filter and
+    # evaluate (no scorer loaded twice).
+    synthesis, scorers = data["hosts"]["synthesis"], data["hosts"]["scorers"]
+    assert synthesis["hosts"] == synthesis["processes"] == 1 and synthesis["loads"] == {"synthesis": 1}
+    assert synthesis["calls"] >= 4 and synthesis["weight_sets"] >= 3 and 0 < synthesis["busy_fraction"] < 1
+    assert scorers["hosts"] == scorers["processes"] == 1 and scorers["loads"]["scorer"] == 4
+    for line in (
+        "report:",
+        "LoRA:",
+        "manifest:",
+        "round  ",
+        "accepted",
+        "model hosts, synthesis: 1 host(s), 1",
+    ):
         assert line in output
     assert "artaug_stage" not in output  # metrics go to Ray, not the console
 
 
+@pytest.mark.heavy
 def test_the_gates_keep_only_pairs_that_gained_and_the_evaluation_gives_its_verdict(finished_run):
     """The filter's rule holds on every kept pair, the critic spoke the world's words, and the
     evaluation scored with the world's own scorers, gave its verdict and ran the vLLM judge."""
@@ -120,6 +137,7 @@ def test_the_gates_keep_only_pairs_that_gained_and_the_evaluation_gives_its_verd
     assert metrics["judge"]["judged"] + metrics["judge"]["missing"] == 16  # the vLLM judge ran on every image
 
 
+@pytest.mark.heavy
 def test_the_method_moves_images_toward_the_world_taste(finished_run):
     """The claim itself: round 2 draws better pictures than round 1 from the same prompts and seeds
     before any critique (round 1's LoRA learnt from the kept pairs), and the held-out evaluation's
@@ -137,6 +155,7 @@ def test_the_method_moves_images_toward_the_world_taste(finished_run):
     assert metrics["scores"]["world_quality"]["difference"]["mean"] > 0, metrics["scores"]["world_quality"]
 
 
+@pytest.mark.heavy
 def test_a_world_where_nothing_improves_stops_with_the_reason(tmp_path):
     """The silent critic asks for nothing: no pair is better, so the loop stops before training."""
     run_dir = str(tmp_path / "run")
@@ -153,6 +172,7 @@ def test_a_world_where_nothing_improves_stops_with_the_reason(tmp_path):
     assert os.path.exists(os.path.join(run_dir, "report", "index.html"))
 
 
+@pytest.mark.heavy
 def test_combined_lora_loads_in_diffusers(finished_run):
     from artaug.models.world_flux import build_world_flux
 
@@ -167,6 +187,7 @@ def test_combined_lora_loads_in_diffusers(finished_run):
     assert changed, "the combined LoRA changed no weight"
 
 
+@pytest.mark.heavy
 def test_report_renders_in_chromium(finished_run):
     """Open report/index.html in a real headless Chromium and check that every image decoded."""
     from websockets.sync.client import connect
@@ -227,29 +248,41 @@ def _devtools_page(port: int) -> dict:
     raise AssertionError("Chromium's DevTools endpoint did not answer")
 
 
-@pytest.mark.timeout(1800)  # run alone it also sets up the shared run: two CI-sized runs (~15 min)
+@pytest.mark.heavy
+@pytest.mark.timeout(1500)  # run alone it also sets up the shared run (~8 min), then ~5 min of its own
 def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path):
+    """A run stopped after round 1 (the shared run's round 1, copied), resumed, SIGKILLed inside
+    round 2's enhance and resumed again ends where the uninterrupted run ended."""
     reference, _ = finished_run
     run_dir = str(tmp_path / "run")
+    _stopped_after_round_1(reference, run_dir)
+    reference_files = _stamps(reference)  # the resumed run reads and writes only its own directory
+    done_before = {f"round-1/{s}": _success_mtime(run_dir, "round-1", s) for s in ROUND_STAGES}
+
+    log_path = tmp_path / "killed-attempt.log"
     process_start = time.time()
-    process = artaug(*run_args(run_dir), start_new_session=True)
+    with open(log_path, "w") as log:
+        process = artaug("run", "--resume", run_dir, start_new_session=True, stdout=log)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # kill the whole run (driver, Ray, engine) inside round 1's enhance
+    while time.monotonic() < deadline:  # kill the whole run (driver, Ray, engine) inside round 2's enhance
         try:
-            if manifest(run_dir)["rounds"]["1"]["enhance"]["status"] == "running":
+            if manifest(run_dir)["rounds"]["2"]["enhance"]["status"] == "running":
                 break
         except (FileNotFoundError, KeyError, json.JSONDecodeError):
             pass
-        assert process.poll() is None, process.stdout.read()[-4000:]
+        assert process.poll() is None, log_path.read_text()[-4000:]
         time.sleep(0.5)
     time.sleep(1)  # inside enhance: its actors are loading the model or sampling
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     _kill_orphaned_engines(started_after=process_start)
-    done_before = {
-        s: os.path.getmtime(os.path.join(run_dir, "round-1", s, "_SUCCESS")) for s in ("generate", "critique")
-    }
-    enhance_dir = os.path.join(run_dir, "round-1", "enhance")
+    killed = log_path.read_text()
+    for stage in ROUND_STAGES:  # the killed attempt reused round 1 and did round 2's first stages
+        assert f"[round 1/2] {stage}: complete in an earlier attempt" in killed, killed[-4000:]
+    for stage in ("generate", "critique"):
+        assert manifest(run_dir)["rounds"]["2"][stage]["status"] == "complete"
+        done_before[f"round-2/{stage}"] = _success_mtime(run_dir, "round-2", stage)
+    enhance_dir = os.path.join(run_dir, "round-2", "enhance")
     assert not os.path.exists(os.path.join(enhance_dir, "_SUCCESS"))
     os.makedirs(enhance_dir, exist_ok=True)  # what a killed writer leaves: a part file, no marker
     with open(os.path.join(enhance_dir, "part-killed.parquet"), "wb") as f:
@@ -257,14 +290,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path)
 
     output = finish(artaug("run", "--resume", run_dir))
     data = manifest(run_dir)
-    assert data["status"] == "finished" and len(data["attempts"]) == 2 and data["attempts"][1]["resumed"]
-    r1 = data["rounds"]["1"]
-    assert r1["generate"]["attempt"] == 0 and r1["critique"]["attempt"] == 0
-    assert r1["enhance"]["attempt"] == 1 and data["rounds"]["2"]["generate"]["attempt"] == 1
+    assert data["status"] == "finished" and [a["resumed"] for a in data["attempts"]] == [False, True, True]
+    r1, r2 = data["rounds"]["1"], data["rounds"]["2"]
+    assert all(r1[s]["status"] == "complete" and r1[s]["attempt"] == 0 for s in ROUND_STAGES), r1
+    assert r2["generate"]["attempt"] == 1 and r2["critique"]["attempt"] == 1
+    assert all(r2[s]["attempt"] == 2 for s in ("enhance", "filter", "train", "register")), r2
+    assert all(data["final"][s]["attempt"] == 2 for s in ("combine", "evaluate", "report")), data["final"]
     for stage, mtime in done_before.items():  # completed stages were not redone
-        assert os.path.getmtime(os.path.join(run_dir, "round-1", stage, "_SUCCESS")) == mtime
+        assert _success_mtime(run_dir, *stage.split("/")) == mtime, stage
     assert not os.path.exists(os.path.join(enhance_dir, "part-killed.parquet"))
-    assert "complete in an earlier attempt" in output
+    for line in ("[round 1/2] register", "[round 2/2] generate", "[round 2/2] critique"):
+        assert f"{line}: complete in an earlier attempt" in output
+    assert r2["register"]["metrics"]["loras"] == [RunLayout(run_dir).round(k).train.lora for k in (1, 2)]
     # The same seeds give the same final outputs as the uninterrupted run, up to float rounding: rows
     # batched differently round differently (README, "Determinism"; seen in CI: 2 pixels of one image
     # off by one level), which moved the LoRA by ~1e-4 of its scale. Lost or redone work moves it more.
@@ -278,6 +315,51 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path)
     (our_numbers, our_rest), (their_numbers, their_rest) = (_flat(_metrics(path)) for path in paths)
     assert our_rest == their_rest  # counts, names, verdicts
     assert our_numbers == pytest.approx(their_numbers, rel=1e-3, abs=1e-5)
+    assert _stamps(reference) == reference_files
+
+
+def _stopped_after_round_1(reference: str, run_dir: str) -> None:
+    """`run_dir`: the finished run `reference` as it was when round 1 had finished and the run was
+    interrupted: its run.yaml and round-1/ (every stage, training's outputs and checkpoints included),
+    and its manifest without round 2 and the final stages. The reference's own path, which stage
+    markers and the manifest hold, becomes `run_dir` (the markers list their files' sizes, so they are
+    written again, innermost first); nothing in the copy leads back to the reference."""
+    from artaug import storage
+    from artaug.loop.manifest import Manifest
+
+    os.makedirs(run_dir)
+    shutil.copy2(os.path.join(reference, "run.yaml"), run_dir)
+    shutil.copytree(os.path.join(reference, "round-1"), os.path.join(run_dir, "round-1"))
+    markers = glob.glob(os.path.join(run_dir, "round-1", "**", storage.SUCCESS), recursive=True)
+    for marker in sorted(markers, key=lambda path: -path.count(os.sep)):  # train/latents before train
+        with open(marker) as f:
+            summary = json.loads(f.read().replace(reference, run_dir))
+        summary.pop(storage.FILES)
+        storage.mark_complete(os.path.dirname(marker), summary)
+    with open(os.path.join(reference, "manifest.json")) as f:
+        data = json.loads(f.read().replace(reference, run_dir))
+    assert data["status"] == "finished" and len(data["attempts"]) == 1
+    data.pop("finished")
+    data.update(status="interrupted", rounds={"1": data["rounds"]["1"]}, final={})
+    Manifest(run_dir, data).save()
+    assert Manifest.load(run_dir).live_attempt() is None
+    for folder, _, files in os.walk(run_dir):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                assert reference.encode() not in f.read(), os.path.join(folder, name)
+
+
+def _success_mtime(run_dir: str, *stage: str) -> float:
+    return os.path.getmtime(os.path.join(run_dir, *stage, "_SUCCESS"))
+
+
+def _stamps(folder: str) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime in ns)} of every file under `folder`."""
+    return {
+        os.path.relpath(os.path.join(d, f), folder): (os.stat(os.path.join(d, f)).st_size,
+                                                      os.stat(os.path.join(d, f)).st_mtime_ns)
+        for d, _, files in os.walk(folder) for f in files
+    }  # fmt: skip
 
 
 def _kill_orphaned_engines(started_after: float) -> None:
@@ -343,6 +425,7 @@ def test_unknown_key_or_preset_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.heavy
 def test_resume_of_a_finished_run_changes_nothing(finished_run):
     run_dir, _ = finished_run
     before = open(os.path.join(run_dir, "manifest.json"), "rb").read()

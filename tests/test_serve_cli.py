@@ -204,6 +204,7 @@ def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
     return running
 
 
+@pytest.mark.heavy
 def test_sigterm_stops_artaug_serve_and_its_ray_cleanly(tmp_path):
     """`artaug serve` (the default world model, on its own local Ray) stopped with SIGTERM, as kill, systemd,
     Kubernetes and `ray job stop` stop it: the same clean stop as Ctrl-C, and no Ray process left."""

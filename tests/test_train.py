@@ -280,6 +280,7 @@ def fit_tiny(cache_dir: str, out: str, faults=(), **overrides) -> dict:
     return fit(tiny_config(**overrides), cache_dir, out, faults=faults)
 
 
+@pytest.mark.heavy
 def test_killed_worker_recovers_and_a_stopped_run_resumes_exactly(differential, tmp_path):
     """The reference run's configuration, interrupted twice, must end exactly where the reference did.
 

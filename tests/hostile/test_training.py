@@ -118,6 +118,7 @@ def test_combine_fuse_and_serve_refuse_a_lora_with_nan(tmp_path, capsys):
 # ------------------------------------------------------------------ a diverging learning rate (Ray Train)
 
 
+@pytest.mark.heavy
 def test_diverging_training_stops_at_the_step_and_saves_nothing(ray_local, tmp_path, capsys):
     """lr 1e6 on the tiny model: step 2's loss is huge, step 3's is NaN. The run stops there with one
     line, writes no LoRA and no marker; its complete checkpoints (steps 1, 2) stay for inspection."""
@@ -196,6 +197,7 @@ def parts_rows(stage_dir: str) -> int:
     return rows
 
 
+@pytest.mark.heavy
 def test_killed_generate_resumes_with_only_the_missing_rows(ray_local, tmp_path):
     """`artaug generate` of 40 prompts in a subprocess, SIGKILLed once 20 rows are in complete parts;
     the same command again (in this process, on the session's Ray) generates only the rest."""
