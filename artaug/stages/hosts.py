@@ -105,16 +105,25 @@ class HostPool:
         options = ray_resources(self.resources)
         cpus = options.pop("num_cpus")
         self.call_cpus = cpus  # held by the calling task while a batch runs
-        actor = ray.remote(ModelHost).options(num_cpus=0, max_restarts=1, max_task_retries=1, **options)
+        # A call waits while its host restarts (node lost, process killed): once per host per run.
+        actor = ray.remote(ModelHost).options(num_cpus=0, max_restarts=1, max_task_retries=-1, **options)
         self.handles = [actor.remote(self.resources.torch_threads) for _ in range(self.size)]
-        self.router = ray.remote(Router).options(num_cpus=0).remote(self.size)
+        router = ray.remote(Router).options(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+        self.router = router.remote(self.size)  # its counts only steer: a restarted one starts at 0
 
     def broadcast(self, fn: Callable, *args) -> list:
         """`fn(host, *args)` on every host, waited for."""
         return ray.get([h.call.remote(fn, *args) for h in self.handles])
 
     def stats(self) -> list[dict]:
-        return ray.get([h.stats.remote() for h in self.handles])
+        """Every host's counters; a host that is gone counts as lost (nothing loaded, no calls)."""
+        out = []
+        for handle in self.handles:
+            try:
+                out.append(ray.get(handle.stats.remote(), timeout=60))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append({"pid": None, "loads": {}, "calls": 0, "rows": 0, "busy_s": 0.0, "alive_s": 0.0})
+        return out
 
     def close(self) -> None:
         for handle in [*self.handles, self.router]:
@@ -126,7 +135,13 @@ def call_host(batch: pa.Table, pool: HostPool, work: str, kwargs: dict) -> pa.Ta
     """Ray Data task: run `work` on one batch on the least busy host of `pool`."""
     index = ray.get(pool.router.acquire.remote())
     try:
-        return ray.get(pool.handles[index].run.remote(work, batch, **kwargs))
+        for attempt in range(60):  # a host restarting answers "unavailable" for a while
+            try:
+                return ray.get(pool.handles[index].run.remote(work, batch, **kwargs))
+            except ray.exceptions.ActorUnavailableError:
+                if attempt == 59:
+                    raise
+                time.sleep(5)
     finally:
         pool.router.release.remote(index)
 
@@ -138,7 +153,7 @@ def map_on_hosts(ds: ray.data.Dataset, pool: HostPool, work: type, kwargs: dict,
         fn_kwargs={"pool": pool, "work": f"{work.__module__}:{work.__qualname__}", "kwargs": kwargs},
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=pool.size * pool.inflight,
+        compute=ray.data.TaskPoolStrategy(size=pool.size * pool.inflight),
         num_cpus=pool.call_cpus / pool.inflight,
     )
 
