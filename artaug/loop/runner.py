@@ -128,8 +128,11 @@ class Loop:
                 if self.engine is not None:
                     self.engine.close()
                 if self.hosts is not None:
-                    self._record_hosts()
-                    self.hosts.close()
+                    try:  # never hide the error that ended the run behind one about the hosts
+                        self._record_hosts()
+                        self.hosts.close()
+                    except Exception as err:  # noqa: BLE001
+                        log.warning("could not record or close the model hosts: %s", err)
         self.manifest.finish(self._ending)
         return self.manifest.data
 
