@@ -12,8 +12,8 @@ batch to a host: Ray Data keeps the sharding, streaming and back-pressure; the h
 - CPUs: an idle host holds none (`num_cpus=0`); the task calling it holds the CPUs of the pool's
   `Resources` while its batch runs, so a warm host never starves training of CPUs. GPUs are held by
   the host for its life (the loop releases GPU hosts before training: `Hosts.release`).
-- In flight: at most hosts x `inflight` calling tasks run at once; `Router` hands each the host
-  with the fewest calls running.
+- In flight: at most one calling task per host runs at once; `Router` hands each the host with
+  the fewest calls running.
 - Faults: a host that dies is restarted once and the call retried (it loads its models again);
   a row that fails inside a work class becomes that row's error, as before.
 """
@@ -55,10 +55,6 @@ class ModelHost:
         self._stats["busy_s"] += time.perf_counter() - start
         return out
 
-    def call(self, fn: Callable, *args):
-        """`fn(host, *args)` inside the host (e.g. to load a model before its first batch)."""
-        return fn(self, *args)
-
     def cached(self, kind: str, key: str, build: Callable):
         """The model `build()` made the first time (kind, key) was asked for; a build counts as a load."""
         if (kind, key) not in self._cache:
@@ -97,7 +93,6 @@ class HostPool:
     role: str
     resources: Resources
     size: int
-    inflight: int = 1
     handles: list = field(default_factory=list)
     router: object = None
 
@@ -110,10 +105,6 @@ class HostPool:
         self.handles = [actor.remote(self.resources.torch_threads) for _ in range(self.size)]
         router = ray.remote(Router).options(num_cpus=0, max_restarts=-1, max_task_retries=-1)
         self.router = router.remote(self.size)  # its counts only steer: a restarted one starts at 0
-
-    def broadcast(self, fn: Callable, *args) -> list:
-        """`fn(host, *args)` on every host, waited for."""
-        return ray.get([h.call.remote(fn, *args) for h in self.handles])
 
     def stats(self) -> list[dict]:
         """Every host's counters; a host that is gone counts as lost (nothing loaded, no calls)."""
@@ -153,8 +144,8 @@ def map_on_hosts(ds: ray.data.Dataset, pool: HostPool, work: type, kwargs: dict,
         fn_kwargs={"pool": pool, "work": f"{work.__module__}:{work.__qualname__}", "kwargs": kwargs},
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=pool.size * pool.inflight),
-        num_cpus=pool.call_cpus / pool.inflight,
+        compute=ray.data.TaskPoolStrategy(size=pool.size),
+        num_cpus=pool.call_cpus,
     )
 
 
