@@ -94,3 +94,26 @@ def test_hosts_are_released_before_training_only_where_training_needs_their_gpus
     apart = {**shared, "generate.resources.node_labels": "artaug-node-type=gen",
              "train.resources.node_labels": "artaug-node-type=train"}  # fmt: skip
     assert not hosts_hold_gpus(tiny_config(**apart))
+
+
+def test_every_pool_reports_its_time_held_and_busy():
+    """Model hosts, critic engines and each round's training workers, as the manifest records them."""
+    from artaug.loop.observe import pool_usage
+    from artaug.loop.report import summary_table
+
+    manifest = {
+        "hosts": {"synthesis": {"hosts": 2, "loads": {"synthesis": 2}, "calls": 10, "held_s": 100.0,
+                                "busy_s": 25.0}},
+        "engines": [{"role": "critic", "model": "tiny-vlm", "restarts": 0, "held_s": 50.0, "busy_s": 10.0}],
+        "rounds": {"1": {"train": {"status": "complete", "seconds": 40.0,
+                                   "metrics": {"steps": 8, "busy_s": 30.0}}},
+                   "2": {"train": {"status": "skipped"}}},
+    }  # fmt: skip
+    pools = pool_usage(manifest)
+    assert [(p["pool"], p["busy_fraction"]) for p in pools] == [
+        ("synthesis hosts", 0.25), ("critic engine", 0.2), ("round 1 training", 0.75),
+    ]  # fmt: skip
+    table = summary_table(manifest)
+    assert "synthesis hosts: 2 host(s), 2 model load(s), 10 calls, busy 25% of 100 s held" in table
+    assert "critic engine: tiny-vlm, 0 restart(s), busy 20% of 50 s held" in table
+    assert "round 1 training: 8 steps, busy 75% of 40 s held" in table

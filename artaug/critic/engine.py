@@ -14,11 +14,13 @@ death fails the stage that asked.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import tempfile
+import time
 
 import ray
 import requests
@@ -78,8 +80,10 @@ class WarmEngine:
         self.ready_timeout_s, self.local, self.launch = ready_timeout_s, local, launch
         self.key = secrets.token_urlsafe(32)  # never logged or written; handed to the run's stages only
         self.restarts = 0
+        self.held_s = self.busy_s = 0.0  # over the engine's life, restarts included (`usage`)
         self._actor = None
         self._url: str | None = None
+        self._since: float | None = None  # when the engine now held was started
 
     @staticmethod
     def applies(cfg: CritiqueConfig, enabled: bool) -> bool:
@@ -98,6 +102,24 @@ class WarmEngine:
         self._actor = _EngineServer.options(**options).remote(
             self.cfg, self.model, self.key, self.local, self.launch
         )
+        self._since = time.monotonic()
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Counts the block's time as the engine's work (a stage asking it), for `usage`."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_s += time.monotonic() - started
+
+    def usage(self) -> dict:
+        """Seconds held (from start to close, its loading included), seconds busy with a stage's
+        requests, their ratio and the restarts: where a run's critic GPUs idle."""
+        held = self.held_s + (time.monotonic() - self._since if self._since is not None else 0.0)
+        return {"model": self.model, "held_s": round(held, 3), "busy_s": round(self.busy_s, 3),
+                "busy_fraction": round(self.busy_s / held, 4) if held else None,
+                "restarts": self.restarts}  # fmt: skip
 
     def endpoint(self) -> Endpoint:
         """The engine's endpoint (URL and key), once it answers. An engine found dead (it answered
@@ -139,6 +161,8 @@ class WarmEngine:
             log.warning("critic engine did not stop cleanly: %s", err)
         ray.kill(self._actor)
         self._actor, self._url = None, None
+        self.held_s += time.monotonic() - self._since
+        self._since = None
 
 
 def _free_port(host: str) -> int:

@@ -196,7 +196,7 @@ def stage_metrics(name: str, summary: dict) -> dict:
         "critique": ("ok", "invalid", "failed", "with_suggestions", "backend", "engine"),
         "enhance": ("enhanced", "unchanged", "mode"),
         "filter": ("accepted", "rejected", "acceptance_rate", "mean_aesthetic_gain"),
-        "train": ("mode", "steps", "first_loss", "final_loss", "restarts"),
+        "train": ("mode", "steps", "first_loss", "final_loss", "restarts", "busy_s", "busy_fraction"),
         "register": ("lora", "loras", "rank"),
         "combine": ("rank", "inputs", "relative_error"),
         "evaluate": ("prompts",),

@@ -83,3 +83,27 @@ def record_stage(run: str, round_index: int | str, stage: str, summary: dict) ->
     metrics["seconds"].set(float(seconds), tags)
     if stage in ("generate", "enhance") and seconds:
         metrics["images_per_s"].set(rows / seconds, tags)
+
+
+def pool_usage(manifest: dict) -> list[dict]:
+    """Every pool that held workers for the run, from its manifest: the model hosts per role, the critic
+    engines and each round's training workers, with seconds held, seconds busy and their ratio (busy
+    means a call, a stage's requests or a training step was in progress): where a cluster idles."""
+    pools = []
+    for role, h in sorted((manifest.get("hosts") or {}).items()):
+        detail = f"{h['hosts']} host(s), {sum(h['loads'].values())} model load(s), {h['calls']} calls"
+        pools.append(_pool(f"{role} hosts", detail, h.get("held_s"), h.get("busy_s")))
+    for engine in manifest.get("engines") or []:
+        detail = f"{engine['model']}, {engine['restarts']} restart(s)"
+        pools.append(_pool(f"{engine['role']} engine", detail, engine["held_s"], engine["busy_s"]))
+    for k, stages in sorted((manifest.get("rounds") or {}).items(), key=lambda kv: int(kv[0])):
+        train = stages.get("train") or {}
+        if train.get("status") == "complete" and "busy_s" in train.get("metrics", {}):
+            detail = f"{train['metrics']['steps']} steps"
+            pools.append(_pool(f"round {k} training", detail, train["seconds"], train["metrics"]["busy_s"]))
+    return pools
+
+
+def _pool(name: str, detail: str, held_s: float | None, busy_s: float | None) -> dict:
+    fraction = busy_s / held_s if held_s and busy_s is not None else None
+    return {"pool": name, "detail": detail, "held_s": held_s, "busy_s": busy_s, "busy_fraction": fraction}

@@ -25,6 +25,7 @@ from artaug import charts, storage
 from artaug.config import load_config
 from artaug.layout import RunLayout
 from artaug.loop.manifest import Manifest
+from artaug.loop.observe import pool_usage
 from artaug.preview import stream_rows, thumbnail
 from artaug.stages.contract import read_stage
 
@@ -55,10 +56,9 @@ def summary_table(manifest: dict) -> str:
             f"{k:>5}  {stages.get('generate', {}).get('rows') or 0:>5}  {filt.get('accepted', 0):>8}"
             f"  {number(gain, '+.4f'):>9}  {seconds:>8.1f}  {status}"
         )
-    for role, h in sorted((manifest.get("hosts") or {}).items()):
-        loads = sum(h["loads"].values())
-        lines.append(f"model hosts, {role}: {h['hosts']} host(s), {loads} model load(s), "
-                     f"{h['calls']} calls, busy {number(h.get('busy_fraction'), '.0%')}")  # fmt: skip
+    for pool in pool_usage(manifest):
+        lines.append(f"{pool['pool']}: {pool['detail']}, busy {number(pool['busy_fraction'], '.0%')}"
+                     f" of {number(pool['held_s'], '.0f')} s held")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +98,7 @@ def write_report(run_dir: str, status: str | None = None) -> dict:
         _round_section(page, layout, int(k), cfg)
     _evaluation_section(page, layout, cfg)
     page.add("<h2>Stage timings</h2>" + _timings(manifest))
-    page.add("<h2>Model hosts</h2>" + _hosts(manifest))
+    page.add("<h2>Pools: time held and busy</h2>" + _pools(manifest))
     page.add(
         "<h2>Environment</h2><pre>"
         + escape(json.dumps({k: manifest.get(k) for k in ("models", "packages", "host")}, indent=1))
@@ -312,17 +312,16 @@ def _timings(manifest: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _hosts(manifest: dict) -> str:
-    """Per role: how often models were loaded and how busy the hosts were (where the run idles)."""
-    rows = []
-    for role, h in sorted((manifest.get("hosts") or {}).items()):
-        loads = ", ".join(f"{kind} {n}" for kind, n in sorted(h["loads"].items())) or "none"
-        busy = "" if h.get("busy_fraction") is None else f"{h['busy_fraction']:.1%}"
-        rows.append(f"<tr><td>{escape(role)}</td><td>{h['hosts']}</td><td>{escape(loads)}</td>"
-                    f"<td>{h['calls']}</td><td>{h['rows']}</td><td>{busy}</td></tr>")  # fmt: skip
+def _pools(manifest: dict) -> str:
+    """Per pool of workers: what it did, seconds held and busy (where the run idles)."""
+    rows = [
+        f"<tr><td>{escape(p['pool'])}</td><td>{escape(p['detail'])}</td><td>{number(p['held_s'], '.1f')}</td>"
+        f"<td>{number(p['busy_s'], '.1f')}</td><td>{number(p['busy_fraction'], '.1%')}</td></tr>"
+        for p in pool_usage(manifest)
+    ]
     if not rows:
-        return "<p>No model hosts (no stage that loads a model ran in this run's process).</p>"
-    head = "<tr><th>role</th><th>hosts</th><th>model loads</th><th>calls</th><th>rows</th><th>busy</th></tr>"
+        return "<p>No pools (no stage that loads a model ran in this run's process).</p>"
+    head = "<tr><th>pool</th><th>what</th><th>held (s)</th><th>busy (s)</th><th>busy</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
 

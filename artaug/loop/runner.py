@@ -18,17 +18,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
 
 import pyarrow.parquet as pq
 
 from artaug import storage
 from artaug.cluster import init_ray
-from artaug.config import ConfigError, ModelConfig, RunConfig, load_config, to_yaml
+from artaug.config import ConfigError, CritiqueConfig, ModelConfig, RunConfig, load_config, to_yaml
 from artaug.critic.backends import critic_model
 from artaug.critic.engine import WarmEngine
 from artaug.critic.judge import judge_config, judge_model
-from artaug.critic.openai_backend import Endpoint
 from artaug.layout import RunLayout
 from artaug.loop import resume
 from artaug.loop.manifest import Manifest, RunDirError, config_hash
@@ -101,6 +99,7 @@ class Loop:
     def __init__(self, cfg: RunConfig, run_dir: str, manifest: Manifest):
         self.cfg, self.layout, self.manifest = cfg, RunLayout(run_dir), manifest
         self.engine: WarmEngine | None = None
+        self.engines: list[tuple[str, WarmEngine]] = []  # (role, engine): every engine this attempt held
         self.hosts: Hosts | None = None
         self.attempt = 0
 
@@ -116,9 +115,7 @@ class Loop:
                 init_ray(self.cfg.ray, output=self.layout.root)
                 self.hosts = Hosts(self.cfg)
                 if WarmEngine.applies(self.cfg.critique, self.cfg.loop.persistent_critic):
-                    self.engine = WarmEngine(
-                        self.cfg.critique, critic_model(self.cfg.critique), local=self._local
-                    )
+                    self._hold_engine("critic", self.cfg.critique, critic_model(self.cfg.critique))
                 loras = self._rounds()
                 self._final(loras)
             except BaseException as err:
@@ -127,12 +124,12 @@ class Loop:
             finally:
                 if self.engine is not None:
                     self.engine.close()
-                if self.hosts is not None:
-                    try:  # never hide the error that ended the run behind one about the hosts
-                        self._record_hosts()
+                try:  # never hide the error that ended the run behind one about the hosts
+                    self._record_pools()
+                    if self.hosts is not None:
                         self.hosts.close()
-                    except Exception as err:  # noqa: BLE001
-                        log.warning("could not record or close the model hosts: %s", err)
+                except Exception as err:  # noqa: BLE001
+                    log.warning("could not record or close the model hosts: %s", err)
         self.manifest.finish(self._ending)
         return self.manifest.data
 
@@ -164,8 +161,7 @@ class Loop:
         # generate and enhance keep the complete parts of a stopped attempt (`artaug.stages.parts`)
         step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k, hosts=self.hosts),
              keep_partial=True)  # fmt: skip
-        step("critique", lambda: critique(cfg, d.stage("generate"), d.stage("critique"),
-                                          endpoint=self._critic_endpoint(), overwrite=True))  # fmt: skip
+        step("critique", lambda: self._critique(cfg, d.stage("generate"), d.stage("critique")))
         step("enhance", lambda: enhance(cfg, d.stage("generate"), d.stage("critique"), d.stage("enhance"),
                                         hosts=self.hosts), keep_partial=True)  # fmt: skip
         verdict = step("filter", lambda: filter_pairs(cfg, d.stage("enhance"), d.stage("filter"),
@@ -187,23 +183,31 @@ class Loop:
         step("register", lambda: run_stage("register", d.stage("register"), lambda: register(lora, earlier)))
         return lora
 
-    def _record_hosts(self) -> None:
-        """The hosts' counters so far (loads, calls, busy fraction) into the manifest."""
+    def _record_pools(self) -> None:
+        """The counters so far of the model hosts (loads, calls, busy fraction) and of the critic
+        engines (seconds held and busy) into the manifest."""
         if self.hosts is not None:
             self.manifest.set(hosts=hosts_summary(self.hosts.stats()))
+        if self.engines:
+            self.manifest.set(engines=[{"role": role, **engine.usage()} for role, engine in self.engines])
+
+    def _hold_engine(self, role: str, cfg: CritiqueConfig, model: str) -> WarmEngine:
+        self.engine = WarmEngine(cfg, model, local=self._local)
+        self.engines.append((role, self.engine))
+        return self.engine
 
     @property
     def _local(self) -> bool:
         """The run's Ray is private to this machine: its engine binds loopback."""
         return self.cfg.ray.address == "local"
 
-    def _critic_endpoint(self) -> Endpoint | None:
+    def _critique(self, cfg: RunConfig, images: str, out: str) -> dict:
+        """The critique stage, on the run's warm engine when there is one (its busy time)."""
         if self.engine is None:
-            return None
+            return critique(cfg, images, out, overwrite=True)
         endpoint = self.engine.endpoint()  # checks the engine's health; restarts a dead one once
-        self.manifest.set(critic_engine={"kind": "one vLLM engine for the run (OpenAI protocol)",
-                                         "url": endpoint.url, "restarts": self.engine.restarts})  # fmt: skip
-        return endpoint
+        with self.engine.busy():
+            return critique(cfg, images, out, endpoint=endpoint, overwrite=True)
 
     def _stop_reason(self, verdict: dict, filter_dir: str) -> str | None:
         loop = self.cfg.loop
@@ -232,12 +236,12 @@ class Loop:
             base, enhanced = evaluated_models(cfg, layout)
             self._step("final", "evaluate", layout.evaluate, "final", lambda: evaluate(
                 cfg, eval_prompts(cfg), layout.evaluate, base=base, enhanced=enhanced,
-                judge_endpoint=self._judge_endpoint(), hosts=self.hosts, overwrite=False),
+                judge_engine=self._judge_engine(), hosts=self.hosts, overwrite=False),
                 keep_partial=True)  # fmt: skip
         self._step("final", "report", layout.report, "final",
                    lambda: write_report(layout.root, status=self._ending), redo=True)  # fmt: skip
 
-    def _judge_endpoint(self) -> Callable[[], Endpoint] | None:
+    def _judge_engine(self) -> WarmEngine | None:
         """A warm engine for the judge: the critic's when it is the same model, else one started now
         (it loads while evaluate generates). None: the judge runs its own backend as configured."""
         if not (
@@ -250,9 +254,9 @@ class Loop:
         if self.engine is None or self.engine.model != model:
             if self.engine is not None:
                 self.engine.close()
-            self.engine = WarmEngine(judge_config(self.cfg), model, local=self._local)
+            self._hold_engine("judge", judge_config(self.cfg), model)
         self.engine.start()
-        return self.engine.endpoint
+        return self.engine
 
     # ------------------------------------------------------------------ one stage
 
@@ -277,7 +281,7 @@ class Loop:
                 self.manifest.stage_failed(k, name, err)
                 raise
             self.manifest.stage_done(k, name, summary)
-            self._record_hosts()
+            self._record_pools()
             record_stage(self.cfg.name, k, name, summary)
             _log_row_errors(stage_dir)
             print(f"[{label}] {name}: {_one_line(summary)}")

@@ -11,7 +11,9 @@ batch to a host: Ray Data keeps the sharding, streaming and back-pressure; the h
   theirs. The host imports no stage, so stages stay independent.
 - CPUs: an idle host holds none (`num_cpus=0`); the task calling it holds the CPUs of the pool's
   `Resources` while its batch runs, so a warm host never starves training of CPUs. GPUs are held by
-  the host for its life (the loop releases GPU hosts before training: `Hosts.release`).
+  the host for its life (the loop releases GPU hosts before training: `Hosts.release`). A pool that
+  would wait for GPUs another pool holds on the same nodes (flux-dev: the scorers after the synthesis
+  hosts took every GPU of the gpu group) releases that pool first (`Hosts.pool`).
 - In flight: at most one calling task per host runs at once; `Router` hands each the host with
   the fewest calls running.
 - Faults: a host that dies is restarted once and the call retried (it loads its models again);
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -30,8 +33,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import ray
 
-from artaug.cluster import gpus_for, ray_resources
+from artaug.cluster import gpus_for, label_selector, ray_resources
 from artaug.config import Resources, RunConfig
+
+log = logging.getLogger(__name__)
 
 
 class ModelHost:
@@ -161,8 +166,20 @@ class Hosts:
     def pool(self, role: str) -> HostPool:
         if role not in self.pools:
             section = self.cfg.generate if role == "synthesis" else self.cfg.scorers
+            self._make_room(section.resources, section.num_actors)
             self.pools[role] = HostPool(role, section.resources, section.num_actors)
         return self.pools[role]
+
+    def _make_room(self, resources: Resources, size: int) -> None:
+        """Release the pools holding GPUs this new pool needs: with both, the nodes its labels select
+        would have fewer GPUs than asked for (Ray would leave the new hosts pending for ever). Counts
+        the nodes alive now: under an autoscaler that may add more, the pools take turns."""
+        need = gpus_for(resources) * size
+        rivals = [r for r, p in self.pools.items() if need > 0 and share_gpus(p.resources, resources)]
+        held = sum(gpus_for(self.pools[r].resources) * self.pools[r].size for r in rivals)
+        if rivals and held + need > gpus_on_nodes(resources.node_labels):
+            log.info("releasing the %s hosts: the new hosts need the GPUs they hold", ", ".join(rivals))
+            self.release(tuple(rivals))
 
     def stats(self) -> dict[str, list[dict]]:
         """Per role, every host's counters (pid, loads per model kind, calls, rows, busy seconds)."""
@@ -199,12 +216,23 @@ def hosts_hold_gpus(cfg: RunConfig) -> bool:
     """Warm hosts may hold GPUs that training needs: both ask for GPUs on nodes they could share (no
     node labels, or the same ones). The loop then releases the hosts before training and the next
     stage starts them again; a CPU run, or training on a node group of its own, keeps them."""
-    train = cfg.train.resources
-    if gpus_for(train) <= 0:
+    return any(share_gpus(r, cfg.train.resources) for r in (cfg.generate.resources, cfg.scorers.resources))
+
+
+def share_gpus(a: Resources, b: Resources) -> bool:
+    """Both ask for GPUs on nodes they could share (no node labels on either, or the same ones)."""
+    if gpus_for(a) <= 0 or gpus_for(b) <= 0:
         return False
-    return any(
-        gpus_for(r) > 0 and (not r.node_labels or not train.node_labels or r.node_labels == train.node_labels)
-        for r in (cfg.generate.resources, cfg.scorers.resources)
+    return not a.node_labels or not b.node_labels or a.node_labels == b.node_labels
+
+
+def gpus_on_nodes(node_labels: list[str]) -> float:
+    """GPUs of the alive nodes that carry all of these labels (every alive node without labels)."""
+    wanted = (label_selector(node_labels) or {}).items()
+    return sum(
+        node["Resources"].get("GPU", 0)
+        for node in ray.nodes()
+        if node["Alive"] and all((node.get("Labels") or {}).get(k) == v for k, v in wanted)
     )
 
 
@@ -222,6 +250,7 @@ def hosts_summary(stats: dict[str, list[dict]]) -> dict:
             "hosts": len(hosts), "processes": len({h["pid"] for h in hosts}), "loads": loads,
             "weight_sets": sum(h.get("weight_sets", 0) for h in hosts),
             "calls": sum(h["calls"] for h in hosts), "rows": sum(h["rows"] for h in hosts),
-            "busy_s": round(busy, 3), "busy_fraction": round(busy / alive, 4) if alive else None,
+            "held_s": round(alive, 3), "busy_s": round(busy, 3),
+            "busy_fraction": round(busy / alive, 4) if alive else None,
         }  # fmt: skip
     return summary

@@ -30,6 +30,7 @@ from artaug.errors import ArtaugError
 from artaug.layout import WEIGHT_NAME, TrainOutput
 from artaug.lora.algebra import combine
 from artaug.lora.files import check_finite_bytes, read_metadata
+from artaug.train.backend import WorkerDeviceTorchConfig
 from artaug.train.checkpoints import DIVERGED, prepare
 from artaug.train.latents import ID_COLUMNS, PairsError, read_cache
 from artaug.train.worker import METRICS_FILE, STATE_FILE, FaultInjection, train_loop_per_worker
@@ -110,13 +111,16 @@ def fit_subsets(cfg: RunConfig, cache_dir: str, out: str, round_index: int | Non
         for line in storage.read_bytes(target.subset(k).metrics).decode().splitlines()
     ]
     storage.write_text(target.metrics, "".join(line + "\n" for line in lines))
+    busy, seconds = sum(r.get("busy_s", 0.0) for r in runs), sum(r["seconds"] for r in runs)
     return {
         "mode": cfg.train.mode,
         "steps": sum(r["steps"] for r in runs),
         "first_loss": sum(r["first_loss"] for r in runs) / count,
         "final_loss": sum(r["final_loss"] for r in runs) / count,
         "restarts": [x for r in runs for x in r["restarts"]],
-        "seconds": round(sum(r["seconds"] for r in runs), 3),
+        "seconds": round(seconds, 3),
+        "busy_s": round(busy, 3),
+        "busy_fraction": round(busy / seconds, 4) if seconds else None,
         "lora": lora,
         "rank": averaged["rank"],
         "subsets": runs,
@@ -161,8 +165,8 @@ def _fit_one(
             resources_per_worker={"CPU": cfg.train.resources.cpus, **({"GPU": gpus} if gpus > 0 else {})},
             label_selector=label_selector(cfg.train.resources.node_labels),
         ),
-        # gloo for CPU tensors too: a worker Ray gave a GPU may still find no CUDA (a simulated cluster)
-        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if gpus > 0 else "gloo"),
+        # With GPUs the workers choose: NCCL where they see CUDA, gloo where a logical GPU has none
+        torch_config=WorkerDeviceTorchConfig() if gpus > 0 else TorchConfig(backend="gloo"),
         run_config=RayRunConfig(
             name=cfg.name,
             storage_path=path,
@@ -171,7 +175,7 @@ def _fit_one(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     result = trainer.fit()
     seconds = time.perf_counter() - start
     if storage.exists(storage.join(experiment, DIVERGED)):
@@ -185,6 +189,9 @@ def _fit_one(
     for name in (WEIGHT_NAME, METRICS_FILE):
         storage.write_bytes(storage.join(target.lora_dir, name), _read(final, name))
     history = state["history"]
+    # Busy: this fit's steps (a resumed fit's history also holds the steps of earlier attempts); the
+    # rest of the fit's wall time is the worker group's start, DeepSpeed's set-up and checkpoints.
+    busy = sum(entry["seconds"] for entry in history if entry.get("time", started_at) >= started_at)
     return {
         "mode": cfg.train.mode,
         "steps": state["step"],
@@ -193,6 +200,8 @@ def _fit_one(
         "restarts": state["restarts"],
         "rank_digests": state["rank_digests"],
         "seconds": round(seconds, 3),
+        "busy_s": round(busy, 3),
+        "busy_fraction": round(busy / seconds, 4) if seconds else None,
         "lora": target.lora,
         "checkpoint": final.path,
         "config_hash": digest,

@@ -324,6 +324,8 @@ def test_a_dead_engine_is_restarted_once_then_fails_the_stage(ray_local):
         headers = {"Authorization": f"Bearer {first.key}"}
         assert requests.get(first.url + "/models", headers=headers, timeout=5).status_code == 200
         assert engine.endpoint() == first and engine.restarts == 0  # healthy: handed out as it is
+        with engine.busy():  # a stage asking it
+            time.sleep(0.2)
 
         kill_server(first.url, "artaug-stand-in")
         second = engine.endpoint()
@@ -335,3 +337,6 @@ def test_a_dead_engine_is_restarted_once_then_fails_the_stage(ray_local):
             engine.endpoint()
     finally:
         engine.close()
+    usage = engine.usage()  # held over both engines' lives (the restart included), busy while asked
+    assert usage["restarts"] == 1 and 0.2 <= usage["busy_s"] < usage["held_s"], usage
+    assert usage == engine.usage()  # closed: nothing is held any more

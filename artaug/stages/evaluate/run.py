@@ -15,10 +15,10 @@ Resumable: a completed generation of the same prompts is reused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +26,7 @@ import ray
 
 from artaug import storage
 from artaug.config import ModelConfig, RunConfig, to_yaml
+from artaug.critic.engine import WarmEngine
 from artaug.critic.judge import judge_model, judge_pairs
 from artaug.models.synthesis import check_source
 from artaug.prompts import PromptSet
@@ -70,14 +71,15 @@ def _checks(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConfi
 
 @stage("evaluate", resumable=True, checks=_checks)
 def evaluate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConfig, enhanced: ModelConfig,
-             judge_endpoint: Callable[[], str] | None = None,
+             judge_engine: WarmEngine | None = None,
              hosts: Hosts | None = None) -> dict:  # fmt: skip
     """Compare `base` with `enhanced` (the models' own LoRAs fused) into `stage_dir`; returns the metrics.
     Both generations and the scoring run on the run's warm `hosts` (else hosts of its own): one
     synthesis host moves between the two models by setting its LoRAs in place.
 
-    `judge_endpoint`, when given, is called for the URL of a judge engine the caller keeps warm (only
-    once the judge is needed, so the engine loads while the images are generated).
+    `judge_engine`, when given, is a judge engine the caller keeps warm: it is asked for its endpoint
+    only once the judge is needed (so it loads while the images are generated) and told how long it
+    worked (its busy time).
     """
     warnings = overlap_warnings(cfg, scorers_for_columns([cfg.filter.aesthetic, cfg.filter.alignment]))
     for warning in warnings:
@@ -97,7 +99,9 @@ def evaluate(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConf
         scores = score_pairs(cfg, pairs, storage.join(stage_dir, "scores"), warm)
     judgements = None
     if cfg.evaluate.judge:
-        judgements = judge_pairs(cfg, pairs.to_pylist(), model, judge_endpoint() if judge_endpoint else None)
+        endpoint = judge_engine.endpoint() if judge_engine else None
+        with judge_engine.busy() if judge_engine else contextlib.nullcontext():
+            judgements = judge_pairs(cfg, pairs.to_pylist(), model, endpoint)
         _write_table(pa.Table.from_pylist(judgements, schema=JUDGEMENTS), storage.join(stage_dir, "judge"))
     metrics = compute_metrics(cfg, scores, judgements)
     metrics.update(base={"source": base.source, "loras": list(base.loras)}, loras=list(enhanced.loras),
