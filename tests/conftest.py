@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -28,6 +29,9 @@ os.environ.update(
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The key of the session's vLLM server (`vlm_server`), set before any Ray starts: the openai backend
+# reads it from the environment of the Ray worker that asks.
+os.environ["ARTAUG_TEST_VLM_KEY"] = "test-critic-key"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +50,46 @@ def ray_local():
     init_ray(RayConfig(num_cpus=4, object_store_gb=1.0))
     yield ray
     ray.shutdown()
+
+
+@dataclasses.dataclass(frozen=True)
+class VlmServer:
+    """The session's vLLM server: its /v1 URL, the model name it serves, and the environment variable
+    that holds its key (set at the top of this file, so Ray's workers and `artaug` processes have it)."""
+
+    url: str
+    model: str
+    key_env: str = "ARTAUG_TEST_VLM_KEY"
+
+    @property
+    def key(self) -> str:
+        return os.environ[self.key_env]
+
+    def judge_settings(self) -> list[str]:
+        """`section.field=value` settings that send a run's judge to this server."""
+        return [
+            "evaluate.judge_backend=openai", f"evaluate.judge_base_url={self.url}",
+            f"evaluate.judge_model={self.model}", f"critique.api_key_env={self.key_env}",
+        ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vlm_server(tmp_path_factory):
+    """One real vLLM OpenAI-compatible server on the tiny VLM for the whole session, as `artaug critic
+    serve` starts it: the openai critic tests and the runs' judges talk to it, so the session starts one
+    engine for all of them (tests of the in-run engine and of ray.data.llm start their own)."""
+    from artaug.critic.backends import critic_model
+    from artaug.critic.server import start_server, stop_server, wait_ready
+
+    cfg = tiny_config().critique
+    server = VlmServer(url="", model=critic_model(cfg))
+    log = str(tmp_path_factory.mktemp("vlm-server") / "server.log")
+    process, url = start_server(server.model, cfg, port=free_port(), log_path=log, api_key=server.key)
+    try:
+        wait_ready(process, url, timeout_s=600, log_path=log)
+        yield dataclasses.replace(server, url=url)
+    finally:
+        stop_server(process)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The critique stage end to end: heuristic, vLLM through ray.data.llm, and a real OpenAI-compatible
-vLLM server (started once for the session), with corrupt images and dead endpoints among the inputs."""
+vLLM server (the session's, tests/conftest.py), with corrupt images and dead endpoints among the inputs."""
 
 import json
 import threading
@@ -22,7 +22,6 @@ from artaug.stages.critique import critique
 from tests.conftest import tiny_config, world_config
 
 CORRUPT_ID = "corrupt"
-SERVER_KEY = "test-critic-key"
 
 
 @pytest.fixture(scope="module")
@@ -100,31 +99,16 @@ def test_vllm_backend_through_ray_data_llm(images, tmp_path):
     assert summary["ok"] == 6 and summary["failed"] == 2
 
 
-@pytest.fixture(scope="module")
-def critic_server(tmp_path_factory):
-    """One real vLLM OpenAI-compatible server on the tiny VLM, as `artaug critic serve` starts it."""
-    from artaug.critic.server import start_server, stop_server, wait_ready
-    from tests.conftest import free_port
-
-    cfg = tiny_config().critique
-    log = str(tmp_path_factory.mktemp("critic") / "server.log")
-    process, url = start_server(critic_model(cfg), cfg, port=free_port(), log_path=log, api_key=SERVER_KEY)
-    try:
-        wait_ready(process, url, timeout_s=600, log_path=log)
-        yield url
-    finally:
-        stop_server(process)
-
-
-def test_openai_backend_against_a_real_vllm_server(ray_local, images, critic_server, tmp_path):
+def test_openai_backend_against_a_real_vllm_server(ray_local, images, vlm_server, tmp_path):
     import requests
 
     from artaug.critic.openai_backend import Endpoint
 
     # The server requires its key (given as `artaug critic serve` and the run's engine give it).
-    assert requests.get(f"{critic_server}/models", timeout=10).status_code == 401
-    cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": critic_server})
-    summary = critique(cfg, images, str(tmp_path / "critique"), endpoint=Endpoint(critic_server, SERVER_KEY))
+    assert requests.get(f"{vlm_server.url}/models", timeout=10).status_code == 401
+    cfg = tiny_config(**{"critique.backend": "openai", "critique.base_url": vlm_server.url})
+    endpoint = Endpoint(vlm_server.url, vlm_server.key)
+    summary = critique(cfg, images, str(tmp_path / "critique"), endpoint=endpoint)
     rows = rows_by_id(str(tmp_path / "critique"))
     assert_every_image_critiqued(rows, "openai")
     assert summary["ok"] == 6

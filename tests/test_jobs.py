@@ -150,7 +150,11 @@ def test_world_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucke
         assert storage.is_complete(f"{out}/round-1/{stage}"), stage
     critiques = storage.read_summary(f"{out}/round-1/critique")  # the vLLM critic read both pictures
     assert (critiques["backend"], critiques["rows"], critiques["failed"]) == ("vllm", 2, 0), critiques
-    assert json.loads(storage.read_bytes(f"{out}/manifest.json"))["status"] == "finished"
+    manifest = json.loads(storage.read_bytes(f"{out}/manifest.json"))
+    assert manifest["status"] == "finished"
+    # One engine served the critique and the judge (jobs/world.yaml: the same tiny VLM); busy while asked.
+    (engine,) = manifest["engines"]
+    assert engine["role"] == "critic" and 0 < engine["busy_s"] < engine["held_s"], engine
     assert storage.exists(f"{out}/lora/combined.safetensors")
     assert storage.is_complete(f"{out}/evaluate") and storage.exists(f"{out}/report/index.html")
     judge = json.loads(storage.read_bytes(f"{out}/evaluate/metrics.json"))["judge"]  # the vLLM judge

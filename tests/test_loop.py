@@ -2,7 +2,7 @@
 
 Each run is a real `artaug run` process of the default preset, the miniature world (its own local Ray,
 the world critic, regional enhancement, the filter with its gates on, Ray Train + DeepSpeed, the
-evaluation with its verdict and the tiny VLM judge on one vLLM engine) on a CI-sized config.
+evaluation with its verdict and the tiny VLM judge on the session's vLLM server) on a CI-sized config.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,8 +25,9 @@ from artaug.layout import ROUND_STAGES, RunLayout
 from tests.conftest import free_port
 
 # Two rounds over the same 24 prompts and seeds (so round 2's first images show what round 1's LoRA
-# changed), the evaluation on 16 held-out images with the tiny VLM judge (noise, but its engine and
-# parsing run end to end). The filter's gates stay on; the loop's stopping rules are off here so that
+# changed), the evaluation on 16 held-out images with the tiny VLM judge (noise, but its requests and
+# parsing run end to end) on the session's vLLM server (the run's own judge engine is tested by
+# tests/test_jobs.py). The filter's gates stay on; the loop's stopping rules are off here so that
 # both rounds train (two rounds, resume and combine are what this run checks; the stopping rules have
 # their own test below). One request at a time keeps vLLM's batching, hence every answer, the same
 # from run to run.
@@ -37,7 +37,7 @@ CI_SIZED = [
     "loop.min_acceptance_rate=0", "loop.min_aesthetic_gain=-1",
     "generate.num_actors=1", "critique.concurrency=1", "train.checkpoint_every=20",
     "train.num_workers=1", "train.grad_accumulation=2",
-    "evaluate.judge=true", "evaluate.judge_tiny_seed=0", "evaluate.bootstrap_samples=200",
+    "evaluate.judge=true", "evaluate.bootstrap_samples=200",
 ]  # fmt: skip
 
 
@@ -47,8 +47,8 @@ def artaug(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "artaug.cli", *args], env=env, **popen)
 
 
-def run_args(out: str) -> list[str]:
-    return ["run", "--out", out, *(arg for item in CI_SIZED for arg in ("--set", item))]
+def run_args(out: str, settings: list[str]) -> list[str]:
+    return ["run", "--out", out, *(arg for item in settings for arg in ("--set", item))]
 
 
 def finish(process: subprocess.Popen, timeout: float = 900) -> str:
@@ -63,10 +63,10 @@ def manifest(run_dir: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> tuple[str, str]:
+def finished_run(tmp_path_factory, vlm_server) -> tuple[str, str]:
     """One uninterrupted CI-sized run: (run directory, its console output)."""
     run_dir = str(tmp_path_factory.mktemp("loop") / "run")
-    return run_dir, finish(artaug(*run_args(run_dir)))
+    return run_dir, finish(artaug(*run_args(run_dir, CI_SIZED + vlm_server.judge_settings())))
 
 
 @pytest.mark.heavy
@@ -96,13 +96,17 @@ def test_run_completes_every_stage(finished_run):
     assert synthesis["hosts"] == synthesis["processes"] == 1 and synthesis["loads"] == {"synthesis": 1}
     assert synthesis["calls"] >= 4 and synthesis["weight_sets"] >= 3 and 0 < synthesis["busy_fraction"] < 1
     assert scorers["hosts"] == scorers["processes"] == 1 and scorers["loads"]["scorer"] == 4
+    for k in ("1", "2"):  # training's busy time: its steps, out of the worker group's life
+        train = data["rounds"][k]["train"]
+        assert 0 < train["metrics"]["busy_s"] < train["seconds"], train
     for line in (
         "report:",
         "LoRA:",
         "manifest:",
         "round  ",
         "accepted",
-        "model hosts, synthesis: 1 host(s), 1",
+        "synthesis hosts: 1 host(s), 1 model load(s)",
+        "round 2 training: ",
     ):
         assert line in output
     assert "artaug_stage" not in output  # metrics go to Ray, not the console
@@ -260,11 +264,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path)
     done_before = {f"round-1/{s}": _success_mtime(run_dir, "round-1", s) for s in ROUND_STAGES}
 
     log_path = tmp_path / "killed-attempt.log"
-    process_start = time.time()
     with open(log_path, "w") as log:
         process = artaug("run", "--resume", run_dir, start_new_session=True, stdout=log)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # kill the whole run (driver, Ray, engine) inside round 2's enhance
+    while time.monotonic() < deadline:  # kill the whole run (driver, Ray, hosts) inside round 2's enhance
         try:
             if manifest(run_dir)["rounds"]["2"]["enhance"]["status"] == "running":
                 break
@@ -274,8 +277,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path)
         time.sleep(0.5)
     time.sleep(1)  # inside enhance: its actors are loading the model or sampling
     os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    _kill_orphaned_engines(started_after=process_start)
+    process.wait()  # the run starts no vLLM engine (its judge asks the session's server): no orphan
     killed = log_path.read_text()
     for stage in ROUND_STAGES:  # the killed attempt reused round 1 and did round 2's first stages
         assert f"[round 1/2] {stage}: complete in an earlier attempt" in killed, killed[-4000:]
@@ -360,22 +362,6 @@ def _stamps(folder: str) -> dict[str, tuple[int, int]]:
                                                       os.stat(os.path.join(d, f)).st_mtime_ns)
         for d, _, files in os.walk(folder) for f in files
     }  # fmt: skip
-
-
-def _kill_orphaned_engines(started_after: float) -> None:
-    """vLLM's engine-core process outlives a SIGKILLed run (docs/platform.md); it would keep a core
-    busy for the rest of the session. Orphans are the run's engine cores whose server is gone."""
-    time.sleep(3)
-    for engine in psutil.process_iter(["name", "cmdline", "create_time"]):
-        title = f"{engine.info['name']} {' '.join(engine.info['cmdline'] or [])}"
-        if "EngineCore" not in title or engine.info["create_time"] < started_after:
-            continue
-        try:
-            server = engine.parent()
-            if server is None or "api_server" not in " ".join(server.cmdline()):
-                engine.kill()
-        except psutil.Error:
-            continue
 
 
 def _metrics(path: str) -> dict:

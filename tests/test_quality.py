@@ -1,6 +1,6 @@
 """Quality measurement: scorers and their weight loading, safety, the filter's decisions and stage,
 the statistics, the MLLM judge's parsing, the shipped prompt sets, and `artaug evaluate` end to end
-on the tiny models with the tiny VLM judge (one vLLM engine for the module)."""
+on the tiny models with the tiny VLM judge (on the session's vLLM server)."""
 
 import dataclasses
 import io
@@ -520,14 +520,14 @@ def test_filter_refuses_rows_that_are_not_pairs(ray_local, tmp_path, capsys):
 # ---------------------------------------------------------------- evaluate end to end
 
 
-def test_evaluate_base_vs_lora_end_to_end(ray_local, cache, tmp_path, capsys):
+def test_evaluate_base_vs_lora_end_to_end(ray_local, vlm_server, cache, tmp_path, capsys):
     from tests.test_models import make_lora
 
     lora = make_lora(tmp_path / "lora", seed=1)
     prompts = tmp_path / "eval.txt"
     prompts.write_text("\n".join(f"a lighthouse at dusk, view {i}" for i in range(4)) + "\n")
     out = str(tmp_path / "eval")
-    settings = [f"scorers.cache_dir={cache}", "generate.num_actors=1"]
+    settings = [f"scorers.cache_dir={cache}", "generate.num_actors=1", *vlm_server.judge_settings()]
     args = [
         "evaluate",
         "--base",
@@ -573,7 +573,7 @@ def test_evaluate_base_vs_lora_end_to_end(ray_local, cache, tmp_path, capsys):
     assert sorted({j["order"] for j in judgements}) == ["lora_left", "lora_right"]
     for j in judgements:  # constrained decoding reached the tiny judge: every answer parses
         assert j["winner"] in ("left", "right", "tie"), j
-    assert "judge" in metrics["judge_model"] or "seed1" in metrics["judge_model"]
+    assert metrics["judge_model"] == vlm_server.model
 
     for chart in ("scores.svg", "differences.svg", "mllm_win_rate.svg"):
         svg = ElementTree.parse(f"{out}/plots/{chart}").getroot()
