@@ -21,7 +21,7 @@ import time
 
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from artaug import storage
 from artaug.cluster import gpus_for, init_ray, label_selector
@@ -165,8 +165,8 @@ def _fit_one(
             resources_per_worker={"CPU": cfg.train.resources.cpus, **({"GPU": gpus} if gpus > 0 else {})},
             label_selector=label_selector(cfg.train.resources.node_labels),
         ),
-        # With GPUs the workers choose: NCCL where they see CUDA, gloo where a logical GPU has none
-        torch_config=WorkerDeviceTorchConfig() if gpus > 0 else TorchConfig(backend="gloo"),
+        # The workers choose: NCCL where all see CUDA, gloo elsewhere (CPU, or logical GPUs without CUDA)
+        torch_config=WorkerDeviceTorchConfig(),
         run_config=RayRunConfig(
             name=cfg.name,
             storage_path=path,
