@@ -71,8 +71,10 @@ def vllm_answers(
         # on a small machine and the pipeline stalls.
         prepare_multimodal_stage={"num_cpus": LIGHT_STAGE_CPUS},
         chat_template_stage={"num_cpus": LIGHT_STAGE_CPUS},
-        tokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
-        detokenize_stage={"num_cpus": LIGHT_STAGE_CPUS},
+        # The engine tokenizes the templated prompt and returns the decoded text itself: separate
+        # tokenize and detokenize stages would only add two actor pools that import vLLM at start.
+        tokenize_stage={"enabled": False},
+        detokenize_stage={"enabled": False},
         runtime_env=None if on_gpu else {"env_vars": env},
         placement_group_config=engine_placement(cfg, on_gpu),
     )
