@@ -1,8 +1,9 @@
 """Every command of the command line, once, in its own fresh process, as a user runs it.
 
 Import order differs in a fresh process: a cycle hidden by tests that import modules first shows up
-only here. Commands that start Ray are run up to their input checks (which follow every import);
-the others run for real on tiny inputs. `generate` and `train` are refused in a fresh process in
+only here. Commands that start Ray are run up to their input checks (which follow every import, except
+`run`'s settings and prompt checks, which come first: the loop tests' runs import the rest); the
+others run for real on tiny inputs. `generate` and `train` are refused in a fresh process in
 test_generate.py and test_train.py.
 """
 
