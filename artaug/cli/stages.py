@@ -109,12 +109,13 @@ def _write_config(cfg, out: str, just_written: bool = False) -> None:
 @_into_run()
 def cmd_generate(args) -> int:
     from artaug import storage
-    from artaug.preview import write_contact_sheet
     from artaug.prompts import read_prompts
-    from artaug.stages.generate import generate
 
     cfg = load(args)
-    prompts = read_prompts(args.prompts, settings=cfg.generate)
+    prompts = read_prompts(args.prompts, settings=cfg.generate)  # refused before torch and Ray import
+    from artaug.preview import write_contact_sheet
+    from artaug.stages.generate import generate
+
     _write_config(cfg, args.out)
     for note in prompts.notes:
         log.info("%s: %s", prompts.source, note)
