@@ -160,11 +160,17 @@ def test_the_method_moves_images_toward_the_world_taste(finished_run):
 
 
 @pytest.mark.heavy
-def test_a_world_where_nothing_improves_stops_with_the_reason(tmp_path):
-    """The silent critic asks for nothing: no pair is better, so the loop stops before training."""
+def test_a_world_where_nothing_improves_stops_with_the_reason(ray_local, tmp_path, capsys):
+    """The silent critic asks for nothing: no pair is better, so the loop stops before training.
+    `artaug run` in this process, on the session's Ray (a run joins the Ray it finds)."""
+    import logging
+
+    from artaug.cli import main as cli
+
     run_dir = str(tmp_path / "run")
     settings = ["critique.backend=silent", "loop.max_prompts=8", "generate.num_actors=1"]
-    output = finish(artaug("run", "--out", run_dir, *(arg for item in settings for arg in ("--set", item))))
+    assert cli(run_args(run_dir, settings)) == 0
+    output = capsys.readouterr().out
     data = manifest(run_dir)
     assert data["status"] == "stopped"
     assert (
@@ -174,6 +180,11 @@ def test_a_world_where_nothing_improves_stops_with_the_reason(tmp_path):
     assert "stopped early in round 1: acceptance rate 0.000" in output
     assert "(none: no round trained)" in output
     assert os.path.exists(os.path.join(run_dir, "report", "index.html"))
+    # The run's log file took its lines and nothing after it: the next run in a process has its own.
+    log_file = RunLayout(run_dir).log_file
+    assert "the loop stops before training this round" in open(log_file).read()
+    logging.getLogger("artaug").warning("a line after the run")
+    assert "a line after the run" not in open(log_file).read()
 
 
 @pytest.mark.heavy

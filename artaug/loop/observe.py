@@ -31,18 +31,29 @@ class ContextFilter(logging.Filter):
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(context)s] %(name)s: %(message)s"
 
 
-def install_log_context(log_file: str | None = None) -> None:
-    """Key every artaug log line by run/round/stage; also write them to `log_file` when given."""
+@contextlib.contextmanager
+def run_logging(log_file: str | None = None):
+    """Within the block, every log line is keyed by run/round/stage and also written to `log_file`
+    when given. On exit the handlers are as they were: a process may run several loops (a notebook,
+    the tests), and one run's log file must not collect the next run's lines."""
     root = logging.getLogger()
-    handlers = list(root.handlers)
-    if log_file:
-        handler = logging.FileHandler(log_file)
-        root.addHandler(handler)
-        handlers.append(handler)
-    for handler in handlers:
+    added = logging.FileHandler(log_file) if log_file else None
+    if added is not None:
+        root.addHandler(added)
+    saved = [(handler, handler.formatter, list(handler.filters)) for handler in root.handlers]
+    for handler in root.handlers:
         if not any(isinstance(f, ContextFilter) for f in handler.filters):
             handler.addFilter(ContextFilter())
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    try:
+        yield
+    finally:
+        for handler, formatter, filters in saved:
+            handler.setFormatter(formatter)
+            handler.filters = filters
+        if added is not None:
+            root.removeHandler(added)
+            added.close()
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from artaug.critic.judge import judge_config, judge_model
 from artaug.layout import RunLayout
 from artaug.loop import resume
 from artaug.loop.manifest import Manifest, RunDirError, config_hash
-from artaug.loop.observe import install_log_context, log_context, record_stage
+from artaug.loop.observe import log_context, record_stage, run_logging
 from artaug.loop.prompt_sets import eval_prompts, train_prompts
 from artaug.loop.report import write_report
 from artaug.lora.algebra import combine_rounds
@@ -107,10 +107,11 @@ class Loop:
         self.manifest.begin_attempt(resumed)
         self.manifest.data.pop("stopped_early", None)  # decided again from the filter's results
         self.attempt = len(self.manifest.data["attempts"]) - 1
-        if not storage.is_uri(self.layout.root):
+        log_file = None
+        if not storage.is_uri(self.layout.root):  # no log file on object storage: it cannot append
             os.makedirs(os.path.dirname(self.layout.log_file), exist_ok=True)
-            install_log_context(self.layout.log_file)
-        with log_context(run=self.cfg.name):
+            log_file = self.layout.log_file
+        with run_logging(log_file), log_context(run=self.cfg.name):
             try:
                 init_ray(self.cfg.ray, output=self.layout.root)
                 self.hosts = Hosts(self.cfg)
