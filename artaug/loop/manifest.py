@@ -170,6 +170,7 @@ class Manifest:
             rows=summary.get("rows"),
             errors=summary.get("errors", summary.get("failed")),
             seconds=summary.get("seconds"),
+            first_output_s=summary.get("first_output_s"),
             metrics=stage_metrics(name, summary),
         )
         self.save()

@@ -55,9 +55,12 @@ def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayC
         storage.remove(storage.join(stage_dir, storage.SUCCESS))
     if ray_cfg is not None:
         init_ray(ray_cfg, output=stage_dir)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     summary = {"stage": name, **work()}
     summary.setdefault("seconds", round(time.perf_counter() - start, 3))
+    first = storage.first_written(stage_dir, started_at)  # start-up: pools, imports, model loads
+    if first is not None:
+        summary.setdefault("first_output_s", round(first, 3))
     storage.mark_complete(stage_dir, summary)
     return summary
 
