@@ -147,17 +147,17 @@ def list_files(folder: str) -> dict[str, int]:
     return files
 
 
-def first_written(folder: str, since: float) -> float | None:
-    """Seconds from `since` (epoch) to the first file written under `folder` since then; None when
-    there is none. Files of earlier attempts are older and left out; an object store's second-resolution
-    times get a second's grace."""
+def first_written(folder: str, since: float, suffix: str = "") -> float | None:
+    """Seconds from `since` (epoch) to the first file named *suffix written under `folder` since then;
+    None when there is none. Files of earlier attempts are older and left out; an object store's
+    second-resolution times get a second's grace."""
     fs, p = resolve(folder)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return None
     times = [
         info.mtime.timestamp()
         for info in fs.get_file_info(pafs.FileSelector(p, recursive=True))
-        if info.type == pafs.FileType.File and info.mtime is not None
+        if info.type == pafs.FileType.File and info.path.endswith(suffix) and info.mtime is not None
     ]
     recent = [t for t in times if t >= since - 1.0]
     return max(0.0, min(recent) - since) if recent else None

@@ -5,7 +5,7 @@ the run within 6 min on an idle 2-core machine; round k > 1's start-up at most 1
 
 One run of the command a user starts (`python -m artaug.cli run`, the miniature world by default) in
 its own process, timed from start to exit (install excluded). A stage's start-up is its
-`first_output_s`: from the stage's start to the first file it wrote (pools, imports and model loads
+`first_output_s`: from the stage's start to the first Parquet part it wrote (pools, imports, model loads
 until the first batch is out). Round 1 pays the warm hosts' start and loads; round 2 should pay only
 the calling tasks. Training is left out of the ratio: Ray Train starts a worker group per fit
 (TorchTrainer cannot reuse one), so its start-up is reported separately. Results:

@@ -58,7 +58,8 @@ def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayC
     start, started_at = time.perf_counter(), time.time()
     summary = {"stage": name, **work()}
     summary.setdefault("seconds", round(time.perf_counter() - start, 3))
-    first = storage.first_written(stage_dir, started_at)  # start-up: pools, imports, model loads
+    # Start-up (pools, imports, model loads): until the first rows of this attempt are out.
+    first = storage.first_written(stage_dir, started_at, suffix=".parquet")
     if first is not None:
         summary.setdefault("first_output_s", round(first, 3))
     storage.mark_complete(stage_dir, summary)

@@ -218,7 +218,7 @@ def test_the_loop_reruns_a_stage_whose_part_was_cut_and_reuses_an_intact_one(tmp
 
 
 def test_a_stage_records_when_its_first_file_was_written_not_an_earlier_attempts(tmp_path):
-    """first_output_s: the stage's start-up (pools, imports, loads) until its first file of this attempt."""
+    """first_output_s: the stage's start-up (pools, imports, loads) until its first rows of this attempt."""
     folder = str(tmp_path / "enhance")
     os.makedirs(folder)
     kept = os.path.join(folder, "part-earlier.parquet")  # a part kept from an earlier attempt
@@ -227,12 +227,14 @@ def test_a_stage_records_when_its_first_file_was_written_not_an_earlier_attempts
 
     def work() -> dict:
         time.sleep(0.5)
+        storage.write_text(os.path.join(folder, "run.yaml"), "{}")  # not rows: not output
+        time.sleep(0.5)
         pq.write_table(pa.table({"prompt_id": ["p1"]}), os.path.join(folder, "part-new.parquet"))
         time.sleep(0.5)
         return {"rows": 2}
 
     summary = run_stage("enhance", folder, work, resumable=True)
-    assert 0.5 <= summary["first_output_s"] < summary["seconds"] - 0.4, summary
+    assert 1.0 <= summary["first_output_s"] < summary["seconds"] - 0.4, summary
     assert storage.read_summary(folder)["first_output_s"] == summary["first_output_s"]
     assert "first_output_s" not in run_stage("generate", str(tmp_path / "empty"), dict)  # no file, no figure
 
