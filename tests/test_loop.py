@@ -433,7 +433,7 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run):
 
 def test_run_directory_of_another_version_is_refused(tmp_path):
     from artaug.config import load_config
-    from artaug.loop.runner import start
+    from artaug.loop.rundir import start
 
     run_dir = str(tmp_path / "old-run")
     start(load_config("tiny"), run_dir)
@@ -473,7 +473,8 @@ def test_stage_metrics_reach_rays_prometheus_endpoint(ray_local):
 def test_a_run_that_starts_from_a_lora_evaluates_what_serve_serves(tmp_path):
     """With model.loras [X], the evaluation compares [X] with [X, combined]: the served model."""
     from artaug.config import load_config
-    from artaug.loop.runner import evaluated_models, start
+    from artaug.loop.rundir import start
+    from artaug.loop.runner import evaluated_models
     from artaug.serve.launch import resolve_config
 
     # Serving reads both files (finite values, checked before Ray starts); their layers do not matter here.

@@ -27,34 +27,37 @@ def cmd_run(args) -> int:
     from artaug.hub import apply
     from artaug.layout import RunLayout
     from artaug.loop.prompt_sets import check_prompts
+    from artaug.loop.rundir import reopen, start
     from artaug.runlock import hold
 
-    # Bad settings and prompts are refused in a second: before torch, Ray and the stages import.
-    if args.resume and (args.config or args.preset or args.out):
-        raise ConfigError(
-            "--resume takes the run directory's own run.yaml: drop --config/--preset/--out"
-            " (--set may change train.* settings of trainings not yet complete)"
-        )
-    if not args.resume:
-        cfg = load(args)
-        check_prompts(cfg)  # before the run directory is created
-        run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir = storage.absolute(run_dir)  # Ray's workers run in other working directories
-    from artaug.loop.report import summary_table
-    from artaug.loop.runner import Loop, reopen, start
-
+    # Every refusal (settings, prompts, the run directory) comes within about a second: torch, Ray and
+    # the stages are imported with the loop, once the run is set to start.
     if args.resume:
+        if args.config or args.preset or args.out:
+            raise ConfigError(
+                "--resume takes the run directory's own run.yaml: drop --config/--preset/--out"
+                " (--set may change train.* settings of trainings not yet complete)"
+            )
         run_dir = storage.absolute(args.resume)
         cfg, _ = reopen(run_dir, args.overrides)  # checked before the lock is taken; read again while held
         apply(cfg.hub)  # as load() does for a new run: before Ray starts, so its workers inherit it
         check_prompts(cfg)
+    else:
+        cfg = load(args)
+        check_prompts(cfg)  # before the run directory is created
+        run_dir = args.out or storage.join(cfg.output_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = storage.absolute(run_dir)  # Ray's workers run in other working directories
     with hold(run_dir, cfg.ray.shared_filesystem):  # one writer per run directory
         if args.resume:
             cfg, manifest = reopen(run_dir, args.overrides, record=True)
         else:
             manifest = start(cfg, run_dir)
+        from artaug.loop.runner import Loop
+
         print(f"run directory: {run_dir}")
         data = Loop(cfg, run_dir, manifest).run(resumed=bool(args.resume))
+    from artaug.loop.report import summary_table
+
     print(summary_table(data), end="")
     layout = RunLayout(run_dir)
     evaluation = storage.join(layout.evaluate, "report.txt")

@@ -18,8 +18,6 @@ import sys
 import time
 from importlib import metadata
 
-import torch
-
 import artaug
 from artaug import storage
 from artaug.config import RunConfig, to_yaml
@@ -49,6 +47,8 @@ def package_versions() -> dict[str, str]:
 
 
 def host_facts() -> dict:
+    import torch  # here: refusing a run directory needs no torch
+
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
         "hostname": socket.gethostname(),

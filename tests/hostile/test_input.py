@@ -27,7 +27,7 @@ from artaug.images import MAX_PIXELS, BadImageError, decode_image, png_bytes
 from artaug.loop.manifest import Manifest
 from artaug.loop.prompt_sets import train_prompts
 from artaug.loop.report import write_report
-from artaug.loop.runner import start
+from artaug.loop.rundir import start
 from artaug.preview import contact_sheet
 from artaug.prompts import MAX_LINE_BYTES, PromptFileError, read_prompts
 from artaug.rows import GENERATE

@@ -20,7 +20,7 @@ import requests
 from huggingface_hub import constants
 from ray import serve
 
-from artaug.loop.runner import start
+from artaug.loop.rundir import start
 from artaug.serve.api import ImageJob
 from artaug.serve.app import build_app
 from artaug.serve.edge import MAX_BODY_BYTES, key_digest

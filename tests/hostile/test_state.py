@@ -144,7 +144,7 @@ def test_a_damaged_manifest_is_one_line_that_says_what_to_do(tmp_path, content):
 
 
 def test_resume_of_a_run_with_an_empty_manifest_is_refused_without_a_traceback(tmp_path, capsys):
-    from artaug.loop.runner import start
+    from artaug.loop.rundir import start
 
     run_dir = str(tmp_path / "run")
     start(tiny_config(), run_dir)
@@ -260,7 +260,7 @@ def test_a_marker_written_before_file_lists_still_reads(tmp_path):
 
 
 def test_a_second_resume_of_a_local_run_is_refused_with_the_holder_named(tmp_path, holder, capsys):
-    from artaug.loop.runner import start
+    from artaug.loop.rundir import start
 
     run_dir = str(tmp_path / "run")
     start(tiny_config(), run_dir)
@@ -345,7 +345,7 @@ def test_two_writers_of_an_s3_run_directory(s3_bucket, holder, prompt_file):
 
 def test_stage_commands_leave_the_runs_run_yaml_alone(tmp_path):
     from artaug.cli.stages import _write_config
-    from artaug.loop.runner import start
+    from artaug.loop.rundir import start
 
     run_dir = str(tmp_path / "run")
     start(tiny_config(), run_dir)

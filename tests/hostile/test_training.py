@@ -153,7 +153,7 @@ def test_diverging_training_stops_at_the_step_and_saves_nothing(ray_local, tmp_p
 def test_resume_accepts_a_new_learning_rate_and_refuses_other_changes(tmp_path):
     from artaug.layout import RunLayout
     from artaug.loop.manifest import RunDirError
-    from artaug.loop.runner import reopen, start
+    from artaug.loop.rundir import reopen, start
 
     run_dir = str(tmp_path / "run")
     manifest = start(tiny_config(**{"loop.rounds": 2}), run_dir)
