@@ -383,6 +383,7 @@ from artaug.runlock import hold
 with hold(sys.argv[1]):
     child = os.fork()
     if child == 0:  # a forked child (e.g. an engine core) shares the lock and outlives its parent
+        print("child running", flush=True)  # after os.fork's hooks, which drop the lock in the child
         time.sleep(60)
         os._exit(0)
     print(child, flush=True)
@@ -396,7 +397,11 @@ def test_a_forked_child_that_outlives_the_run_does_not_keep_its_lock(tmp_path):
     parent = subprocess.Popen(
         [sys.executable, "-c", ORPHANING_HOLDER, run_dir], stdout=subprocess.PIPE, text=True
     )
-    child = int(parent.stdout.readline())
+    # Both lines, in either order: the child's says it has passed the fork hooks (on a busy machine
+    # it may not have run yet when its parent exits).
+    lines = {parent.stdout.readline().strip() for _ in range(2)}
+    (child,) = (int(line) for line in lines if line.isdigit())
+    assert "child running" in lines
     parent.wait()
     try:
         assert _alive_pid(child)
