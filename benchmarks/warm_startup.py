@@ -9,7 +9,8 @@ its own process, timed from start to exit (install excluded). A stage's start-up
 until the first batch is out). Round 1 pays the warm hosts' start and loads; round 2 should pay only
 the calling tasks. Training is left out of the ratio: Ray Train starts a worker group per fit
 (TorchTrainer cannot reuse one), so its start-up is reported separately. Results:
-OUT/warm-startup.json (default benchmarks/results/).
+OUT/warm-startup.json and the run's console output, OUT/warm-startup-console.txt (default
+benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "warm-startup.json"), "w") as f:
         json.dump(result, f, indent=2)
+    with open(os.path.join(args.out, "warm-startup-console.txt"), "w") as f:
+        f.write(output)  # what the user saw (README's sample output)
     print(f"artaug run: {seconds:.0f} s (goal {GOAL_RUN_S} s on an idle 2-core machine)")
     print(f"{'stage':10} {'round 1 s':>10} {'round 2 s':>10} {'ratio':>7}")
     for stage, entry in figures.items():
