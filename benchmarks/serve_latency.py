@@ -2,6 +2,7 @@
 
     python benchmarks/serve_latency.py
     python benchmarks/serve_latency.py --requests 200 --size 64 --steps 4 --clients 8
+    (writes benchmarks/results/serve-latency.json; --out '' to skip)
 
 One run measures, on the tiny FLUX (a fused LoRA leaves the same layers, so it costs the same), with
 two applications deployed side by side: batching on (serve.max_batch_size = clients) and off (1).
@@ -13,17 +14,18 @@ two applications deployed side by side: batching on (serve.max_batch_size = clie
      Goal: on / off >= 1.5.
 The sides alternate in rounds and run at the same CPU priority as Ray's workers, so a busy shared
 machine disturbs them alike. Every side uses one torch thread; Ray and Serve start-up are reported
-apart; each side is warmed first.
+apart; each side is warmed first. Recorded with the figures: the machine, the load average and the
+CPU seconds this benchmark and the rest of the machine used in each measured phase.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import io
 import json
 import os
-import platform
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,14 +33,17 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import psutil  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
+from machine_facts import machine  # noqa: E402  (benchmarks/, beside this script)
 
 from artaug.config import RunConfig  # noqa: E402
 from artaug.models.synthesis import load_pipeline  # noqa: E402
 from artaug.serve.launch import resolve_config  # noqa: E402
 
 RAY_WORKER_NICENESS = 15  # Ray's default worker_niceness
+RESULT = os.path.join(os.path.dirname(__file__), "results", "serve-latency.json")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -113,6 +118,33 @@ def burst(url: str, clients: int, per_client: int) -> float:
     return time.perf_counter() - start
 
 
+def snapshot() -> dict:
+    """Load average, the machine's busy CPU seconds, and this process tree's (Serve's replicas and
+    proxy live through every measured phase, so two snapshots bound a phase)."""
+    t, tree = psutil.cpu_times(), 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            c = p.cpu_times()
+            tree += c.user + c.system
+        except psutil.Error:
+            pass
+    busy = t.user + t.nice + t.system + t.irq + t.softirq
+    return {"load": os.getloadavg(), "busy": busy, "tree": tree, "at": time.perf_counter()}
+
+
+def phase(a: dict, b: dict) -> dict:
+    mine = b["tree"] - a["tree"]
+    return {
+        "wall_s": round(b["at"] - a["at"], 1),
+        "load_avg_before": [round(x, 2) for x in a["load"]],
+        "load_avg_after": [round(x, 2) for x in b["load"]],
+        "cpu_s_this_benchmark": round(mine, 1),
+        # The load average lags by a minute and counts this benchmark too; this does not.
+        "cpu_s_rest_of_machine": round(max(0.0, b["busy"] - a["busy"] - mine), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="sequential requests per latency side")
@@ -121,7 +153,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=10, help="requests per client and round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
-    parser.add_argument("--out", default="", help="also write the results as JSON here")
+    parser.add_argument("--out", default=RESULT, help="also write the results as JSON here")
     args = parser.parse_args()
     # Ray starts its workers (proxy, replicas) at niceness 15: run this process, the baseline and
     # the clients, at the same priority so that other load on a shared machine weighs on all alike.
@@ -146,8 +178,10 @@ def main() -> None:
         "single": resolve_config(overrides=[*base, "serve.max_batch_size=1"]),
     }
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(("torch", "diffusers", "ray", "requests")),
         "work": f"1 image {args.size}x{args.size}, {args.steps} steps, tiny FLUX, PNG + base64",
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     start = time.perf_counter()
     init_ray(configs["batched"].ray)
@@ -168,21 +202,31 @@ def main() -> None:
         chunk = max(1, args.requests // args.rounds)
         for call in sides.values():
             timed(call, 0, 10)  # warm-up
+        marks = [snapshot()]
         for r in range(args.rounds):
             for name, call in sides.items():
                 latency[name] += timed(call, 1000 + r * chunk, chunk)
         seconds = {name: 0.0 for name in configs}
+        marks.append(snapshot())
         for name in configs:
             burst(urls[name], args.clients, 2)  # warm-up
+        marks.append(snapshot())
         for _ in range(args.rounds):
             for name in configs:
                 seconds[name] += burst(urls[name], args.clients, args.per_client)
+        marks.append(snapshot())
         calls = {
             n: serve.get_deployment_handle("FluxModel", n).stats.remote().result()["call_sizes"]
             for n in configs
         }
     finally:
         serve.shutdown()
+    results["threads"] = {
+        "in_process": torch.get_num_threads(),  # read back here, where the baseline ran
+        "model_replicas": configs["single"].serve.resources.torch_threads,  # configured
+        "niceness": os.nice(0),
+    }
+    results["cpu"] = {"latency_phase": phase(*marks[0:2]), "throughput_phase": phase(*marks[2:4])}
     plain = summary_ms(latency["in_process"])
     results["latency"] = {"in_process": plain}
     for name in configs:
