@@ -41,8 +41,19 @@ def init_ray(cfg: RayConfig, output: str | None = None) -> None:
         check_output_storage(output, cfg, nodes=1, remote=_remote_address(cfg.address))
     if not ray.is_initialized():
         _start(cfg)
+    _configure_ray_data()
     if output is not None:
         check_output_storage(output, cfg, nodes=alive_nodes())
+
+
+def _configure_ray_data() -> None:
+    """Ray Data settings for this driver's datasets (the context travels with each dataset)."""
+    from ray.data import DataContext
+
+    # Ray 2.60's Parquet reader V2 starts new footer-reader actors for every read and kills them after:
+    # each stage input waited ~10 s for worker processes to boot on a 2-core machine (0.5 s with V1,
+    # which reads footers in its read tasks). benchmarks/warm_startup.py shows the difference.
+    DataContext.get_current().use_datasource_v2 = False
 
 
 def _start(cfg: RayConfig) -> None:
