@@ -35,8 +35,8 @@ from artaug.cluster import init_ray  # noqa: E402
 from artaug.config import RayConfig, load_config  # noqa: E402
 from artaug.models.flow_matching import flow_matching_loss  # noqa: E402
 from artaug.models.synthesis import load_transformer  # noqa: E402
+from artaug.stages.train import encode_pairs  # noqa: E402
 from artaug.train.data import CachedPairs, mix_seed, sample_indices  # noqa: E402
-from artaug.train.latents import cache_latents  # noqa: E402
 from artaug.train.trainer import fit  # noqa: E402
 from tests.pairs import pair_row, write_pairs  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> None:
         os.path.join(work, "pairs"), [pair_row(i, args.size, args.size) for i in range(args.pairs)]
     )
     cache_dir = os.path.join(work, "latents")
-    cache_latents(load_config("tiny"), pairs, cache_dir)
+    encode_pairs(load_config("tiny"), pairs, cache_dir)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "work": f"{args.pairs} pairs {args.size}x{args.size}, {args.steps} steps, global batch {args.batch}",

@@ -89,13 +89,15 @@ def test_run_completes_every_stage(finished_run):
     assert {"torch", "diffusers", "ray", "deepspeed"} <= set(data["packages"])
     assert data["models"]["synthesis"]["source"] == "world" and data["host"]["cpus"] >= 1
     assert len(data["config_hash"]) == 16
-    # Warm hosts: one synthesis host loaded the world model once for both rounds' generate and
-    # enhance and the evaluation's base and enhanced generations; one scorer host served filter and
+    # Warm hosts: one synthesis host loaded the world model once for both rounds' generate, enhance
+    # and latent cache and the evaluation's base and enhanced generations; one scorer host served filter and
     # evaluate (no scorer loaded twice).
     synthesis, scorers = data["hosts"]["synthesis"], data["hosts"]["scorers"]
     assert synthesis["hosts"] == synthesis["processes"] == 1 and synthesis["loads"] == {"synthesis": 1}
     assert synthesis["calls"] >= 4 and synthesis["weight_sets"] >= 3 and 0 < synthesis["busy_fraction"] < 1
     assert scorers["hosts"] == scorers["processes"] == 1 and scorers["loads"]["scorer"] == 4
+    # The same host encoded each round's latent cache (its 24 pairs): no encoder loaded per round.
+    assert synthesis["work"]["LatentEncoder"]["rows"] == 2 * 24 == synthesis["work"]["Enhancer"]["rows"]
     for k in ("1", "2"):  # training's busy time: its steps, out of the worker group's life
         train = data["rounds"][k]["train"]
         assert 0 < train["metrics"]["busy_s"] < train["seconds"], train

@@ -255,12 +255,10 @@ class TrainConfig:
     """Checkpoints kept in storage (oldest deleted first)."""
     max_failures: NonNegativeInt = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
-    encode_actors: Count = 1
-    """Ray Data actors that VAE-encode images and encode prompts into the latent cache."""
     encode_batch_size: Count = 8
-    """Pairs per encoding call within one latent-cache actor."""
+    """Pairs per latent-cache call on a synthesis host (the hosts' VAE and text encoders encode them)."""
     resources: Resources = field(default_factory=cpu_only)
-    """Ray resources of each training worker (gpus 0: CPU workers, gloo) and latent-cache actor."""
+    """Ray resources of each training worker (gpus 0: CPU workers, gloo)."""
 
     @model_validator(mode="after")
     def _before_steps(self) -> TrainConfig:

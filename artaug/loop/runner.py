@@ -42,7 +42,7 @@ from artaug.stages.enhance import enhance
 from artaug.stages.evaluate import evaluate
 from artaug.stages.filter import filter_pairs
 from artaug.stages.generate import generate
-from artaug.stages.hosts import Hosts, hosts_hold_gpus, hosts_summary
+from artaug.stages.hosts import Hosts, hosts_summary
 from artaug.stages.train import train
 from artaug.train.latents import PairsError, eligible_pairs
 
@@ -131,11 +131,8 @@ class Loop:
                 self.manifest.stage(k, name).update(status="skipped", reason=stop)
             self.manifest.set(stopped_early={"round": k, "reason": stop})
             return None
-        if hosts_hold_gpus(cfg):  # training needs them (docs/architecture.md, "Warm hosts")
-            self.hosts.release()
-        step(
-            "train", lambda: train(cfg, d.stage("filter"), d.stage("train"), round_index=k), keep_partial=True
-        )
+        step("train", lambda: train(cfg, d.stage("filter"), d.stage("train"), round_index=k,
+                                    hosts=self.hosts), keep_partial=True)  # fmt: skip
         lora = d.train.lora
         step("register", lambda: run_stage("register", d.stage("register"), lambda: register(lora, earlier)))
         return lora

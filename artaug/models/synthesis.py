@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -106,6 +108,26 @@ def load_synthesis(cfg: ModelConfig, device: torch.device | None = None) -> tupl
     )
     pipe = _ready(pipe, device)
     return pipe, FusedWeights({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
+
+
+class ModelCache(Protocol):
+    """What a warm host offers its work classes (`artaug.stages.hosts.ModelHost`)."""
+
+    def cached(self, kind: str, key: str, build: Callable): ...
+
+    def count(self, name: str) -> None: ...
+
+
+def host_pipeline(host: ModelCache | None, model: ModelConfig):
+    """The pipeline of `model`: on a host, its one pipeline of that base model with `model.loras` set
+    in place (`lora.fuse.FusedWeights`: the bits of a fresh load); without a host, a fresh load."""
+    if host is None:
+        return load_pipeline(model)
+    base = dataclasses.replace(model, loras=[], lora_scale=1.0)
+    pipe, weights = host.cached("synthesis", repr(base), lambda: load_synthesis(base))
+    if weights.set(model.loras, model.lora_scale):
+        host.count("weight_sets")
+    return pipe
 
 
 def load_encoders(cfg: ModelConfig, device: torch.device | None = None):

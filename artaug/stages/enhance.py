@@ -28,13 +28,12 @@ from artaug.config import RunConfig
 from artaug.errors import ArtaugError
 from artaug.images import BadImageError, decode_image, png_bytes
 from artaug.models.sampling import Job, Region, sample
-from artaug.models.synthesis import check_source
+from artaug.models.synthesis import check_source, host_pipeline
 from artaug.photometric import apply_adjustments
 from artaug.rows import CRITIQUE, GENERATE, PAIR
 from artaug.stages import parts as part_files
 from artaug.stages.batching import run_in_groups
 from artaug.stages.contract import read_stage, resolve_input, stage
-from artaug.stages.generator import host_pipeline
 from artaug.stages.hosts import Hosts, ModelHost, hosts_for, map_on_hosts
 
 IDS = ("prompt_id", "seed", "round")

@@ -1,6 +1,5 @@
 """FLUX on the warm synthesis hosts: prompt rows into image rows (the generate stage's transformation,
-also the evaluation's generations with the base and the enhanced model), and the pipeline a host
-holds for the model a call asks for (`host_pipeline`, shared with the enhance stage).
+also the evaluation's generations with the base and the enhanced model).
 
 Batches of rows that share settings go through our sampling loop (`artaug.models.sampling`,
 identical to diffusers' FluxPipeline), one torch.Generator per row, so a row's image depends only on
@@ -10,35 +9,22 @@ finish.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
 import pyarrow as pa
 import ray
 
-from artaug.config import ModelConfig, RunConfig
+from artaug.config import RunConfig
 from artaug.images import png_bytes
 from artaug.models.sampling import Job, sample
-from artaug.models.synthesis import check_source, load_pipeline, load_synthesis
+from artaug.models.synthesis import check_source, host_pipeline
 from artaug.prompts import PER_ROW_SETTINGS, PromptSet
 from artaug.rows import GENERATE
 from artaug.stages.batching import run_in_groups
 from artaug.stages.hosts import Hosts, ModelHost, map_on_hosts
 
 log = logging.getLogger(__name__)
-
-
-def host_pipeline(host: ModelHost | None, model: ModelConfig):
-    """The pipeline of `model`: on a host, its one pipeline of that base model with `model.loras` set
-    in place (`lora.fuse.FusedWeights`: the bits of a fresh load); without a host, a fresh load."""
-    if host is None:
-        return load_pipeline(model)
-    base = dataclasses.replace(model, loras=[], lora_scale=1.0)
-    pipe, weights = host.cached("synthesis", repr(base), lambda: load_synthesis(base))
-    if weights.set(model.loras, model.lora_scale):
-        host.count("weight_sets")
-    return pipe
 
 
 class FluxGenerator:

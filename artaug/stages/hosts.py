@@ -48,16 +48,19 @@ class ModelHost:
         torch.set_num_threads(torch_threads)
         self._cache: dict = {}
         self._born = time.monotonic()
-        self._stats = {"pid": os.getpid(), "loads": {}, "calls": 0, "rows": 0, "busy_s": 0.0}
+        self._stats = {"pid": os.getpid(), "loads": {}, "calls": 0, "rows": 0, "busy_s": 0.0, "work": {}}
 
     def run(self, work: str, batch: pa.Table, **kwargs) -> pa.Table:
         """`work` ("module:Class", imported here so the calling tasks never import torch)."""
         start = time.perf_counter()
         module, _, name = work.partition(":")
         out = getattr(importlib.import_module(module), name)(host=self, **kwargs)(batch)
-        self._stats["calls"] += 1
-        self._stats["rows"] += batch.num_rows
-        self._stats["busy_s"] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        per_work = self._stats["work"].setdefault(name, {"calls": 0, "rows": 0, "busy_s": 0.0})
+        for counters in (self._stats, per_work):
+            counters["calls"] += 1
+            counters["rows"] += batch.num_rows
+            counters["busy_s"] += seconds
         return out
 
     def cached(self, kind: str, key: str, build: Callable):
@@ -118,7 +121,8 @@ class HostPool:
             try:
                 out.append(ray.get(handle.stats.remote(), timeout=60))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append({"pid": None, "loads": {}, "calls": 0, "rows": 0, "busy_s": 0.0, "alive_s": 0.0})
+                out.append({"pid": None, "loads": {}, "calls": 0, "rows": 0, "busy_s": 0.0, "alive_s": 0.0,
+                            "work": {}})  # fmt: skip
         return out
 
     def close(self) -> None:
@@ -237,14 +241,20 @@ def gpus_on_nodes(node_labels: list[str]) -> float:
 
 
 def hosts_summary(stats: dict[str, list[dict]]) -> dict:
-    """Per role: hosts, processes, model loads by kind, calls, rows and the busy fraction (seconds in
-    calls / seconds alive, over all the role's hosts): where a run's hosts idle."""
+    """Per role: hosts, processes, model loads by kind, calls, rows, the busy fraction (seconds in
+    calls / seconds alive, over all the role's hosts: where a run's hosts idle) and, per work class
+    (FluxGenerator, Enhancer, LatentEncoder, ...), its calls, rows and seconds busy."""
     summary = {}
     for role, hosts in stats.items():
         loads: dict[str, int] = {}
+        work: dict[str, dict] = {}
         for host in hosts:
             for kind, count in host["loads"].items():
                 loads[kind] = loads.get(kind, 0) + count
+            for name, counters in host.get("work", {}).items():
+                total = work.setdefault(name, {"calls": 0, "rows": 0, "busy_s": 0.0})
+                for key in total:
+                    total[key] += counters[key]
         busy, alive = sum(h["busy_s"] for h in hosts), sum(h["alive_s"] for h in hosts)
         summary[role] = {
             "hosts": len(hosts), "processes": len({h["pid"] for h in hosts}), "loads": loads,
@@ -252,5 +262,6 @@ def hosts_summary(stats: dict[str, list[dict]]) -> dict:
             "calls": sum(h["calls"] for h in hosts), "rows": sum(h["rows"] for h in hosts),
             "held_s": round(alive, 3), "busy_s": round(busy, 3),
             "busy_fraction": round(busy / alive, 4) if alive else None,
+            "work": {name: {**w, "busy_s": round(w["busy_s"], 3)} for name, w in sorted(work.items())},
         }  # fmt: skip
     return summary

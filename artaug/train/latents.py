@@ -1,7 +1,8 @@
 """Latent cache: pairs -> VAE latents of both images and text embeddings of the original prompt.
 
 Training workers then hold only the transformer: the VAE and both text encoders run once per pair,
-here, in a Ray Data actor pool. Each actor encodes a batch's distinct prompts once (CLIP pooled + T5
+here, on the run's warm synthesis hosts (the pipeline they already hold for generate and enhance: no
+model is loaded for the cache). Each call encodes a batch's distinct prompts once (CLIP pooled + T5
 hidden states) and both images of every usable pair. Pairs that cannot be trained on stay as rows
 with `skipped` set and are counted in the summary:
 
@@ -13,8 +14,9 @@ with `skipped` set and are counted in the summary:
 Each shard is sorted by (prompt_id, seed, round) and `read_cache` orders all rows by them, so the
 training order depends only on ids, never on how Ray split the work.
 
-    from artaug.train.latents import cache_latents
-    cache_latents(cfg, "run/round-1/filter", "run/round-1/train/latents")
+    cache_latents(cfg, "run/round-1/filter", "run/round-1/train/latents", encode)
+    # encode: maps a work class over rows on the synthesis hosts (the train stage passes one over
+    # `artaug.stages.hosts.map_on_hosts`)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import io
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from itertools import groupby
 
 import numpy as np
@@ -33,10 +36,10 @@ import torch
 from PIL import Image
 
 from artaug import storage
-from artaug.cluster import init_ray, ray_resources
+from artaug.cluster import init_ray
 from artaug.config import RunConfig
 from artaug.errors import ArtaugError
-from artaug.models.synthesis import check_source, load_encoders
+from artaug.models.synthesis import ModelCache, check_source, host_pipeline
 from artaug.rows import LATENT
 
 log = logging.getLogger(__name__)
@@ -83,13 +86,17 @@ def exclusion(row: dict) -> str | None:
     return None
 
 
-class LatentEncoder:
-    """Ray Data actor: VAE + text encoders; turns batches of pair rows into latent-cache rows."""
+# (the Ray dataset in, the work class, its keyword arguments, rows per call) -> the mapped dataset
+Encode = Callable[[ray.data.Dataset, type, dict, int], ray.data.Dataset]
 
-    def __init__(self, cfg: RunConfig):
-        torch.set_num_threads(cfg.train.resources.torch_threads)
+
+class LatentEncoder:
+    """Work class for a synthesis host: its VAE + text encoders turn pair rows into latent-cache rows.
+    The text encoders are those of the model the round trains from (`cfg.model`, LoRAs set in place)."""
+
+    def __init__(self, cfg: RunConfig, host: ModelCache | None = None):
         self.cfg = cfg
-        self.pipe = load_encoders(cfg.model)
+        self.pipe = host_pipeline(host, cfg.model)
         self.device = self.pipe.vae.device
         self.dtype = self.pipe.vae.dtype
 
@@ -182,10 +189,11 @@ def skip_reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str) -> dict:
-    """Encode the pairs in `pairs_dir` into `cache_dir` (Parquet + `_SUCCESS`); returns the summary.
+def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str, encode: Encode) -> dict:
+    """Encode the pairs in `pairs_dir` into `cache_dir` (Parquet + `_SUCCESS`) with `encode`, which
+    maps `LatentEncoder` over the rows on the synthesis hosts; returns the summary.
 
-    Raises PairsError, before any actor starts, when no row is eligible for training.
+    Raises PairsError, before any host is asked for, when no row is eligible for training.
     """
     check_source(cfg.model)
     total, excluded = eligible_pairs(pairs_dir)
@@ -194,15 +202,9 @@ def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str) -> dict:
     start = time.perf_counter()
     fs, path = storage.resolve(pairs_dir)
     out_fs, out_path = storage.resolve(cache_dir)
-    blocks = max(1, min(total, 4 * cfg.train.encode_actors))
-    ds = ray.data.read_parquet(path, filesystem=fs, override_num_blocks=blocks).map_batches(
-        LatentEncoder,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=cfg.train.encode_batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.train.encode_actors),
-        **ray_resources(cfg.train.resources),
-    )
+    blocks = max(1, min(total, 4 * cfg.generate.num_actors))  # a few per synthesis host
+    pairs = ray.data.read_parquet(path, filesystem=fs, override_num_blocks=blocks)
+    ds = encode(pairs, LatentEncoder, {"cfg": cfg}, cfg.train.encode_batch_size)
     # No global sort (a shuffle costs more than the encoding at small scale): each shard is sorted by
     # ids and readers order all rows by ids.
     ds.write_parquet(out_path, filesystem=out_fs)

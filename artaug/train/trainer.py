@@ -38,7 +38,7 @@ from artaug.train.worker import METRICS_FILE, STATE_FILE, FaultInjection, train_
 log = logging.getLogger(__name__)
 
 # Fields that change how a run is executed, not what it computes: a run may resume with other values.
-_OPERATIONAL = {"checkpoint_every", "keep_checkpoints", "max_failures", "encode_actors", "encode_batch_size"}
+_OPERATIONAL = {"checkpoint_every", "keep_checkpoints", "max_failures", "encode_batch_size"}
 
 
 class CheckpointConflictError(ArtaugError, RuntimeError):
