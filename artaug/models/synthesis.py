@@ -130,19 +130,6 @@ def host_pipeline(host: ModelCache | None, model: ModelConfig):
     return pipe
 
 
-def load_encoders(cfg: ModelConfig, device: torch.device | None = None):
-    """The FLUX pipeline without its transformer (VAE, CLIP, T5): what the latent cache needs."""
-    check_source(cfg)
-    device = device or pick_device(cfg)
-    dtype = pick_dtype(cfg, device)
-    if cfg.source in BUILT_IN_MODELS:
-        pipe = _built_in_pipeline(cfg, dtype)
-        pipe.transformer = None
-    else:
-        pipe = _from_source(FluxPipeline, cfg, dtype, transformer=None)
-    return _ready(pipe, device)
-
-
 def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     """The FLUX transformer alone, with cfg.loras fused in order: the base a training round starts from."""
     check_source(cfg)

@@ -6,14 +6,15 @@ run alone), and the stages map thin Ray Data tasks over their rows (`map_on_host
 batch to a host: Ray Data keeps the sharding, streaming and back-pressure; the hosts keep the models.
 
 - A host runs any *work class*: `work(host=host, **kwargs)(batch) -> batch`, built per call (cheap)
-  and taking its models from the host's cache (`ModelHost.cached`): the FLUX generator and enhancer
-  take the pipeline (whose LoRAs are set in place for the model each call asks for), the scorers
-  theirs. The host imports no stage, so stages stay independent.
+  and taking its models from the host's cache (`ModelHost.cached`): the FLUX generator, the enhancer
+  and the latent-cache encoder take the pipeline (whose LoRAs are set in place for the model each call
+  asks for), the scorers theirs. The host imports no stage, so stages stay independent.
 - CPUs: an idle host holds none (`num_cpus=0`); the task calling it holds the CPUs of the pool's
   `Resources` while its batch runs, so a warm host never starves training of CPUs. GPUs are held by
-  the host for its life (the loop releases GPU hosts before training: `Hosts.release`). A pool that
-  would wait for GPUs another pool holds on the same nodes (flux-dev: the scorers after the synthesis
-  hosts took every GPU of the gpu group) releases that pool first (`Hosts.pool`).
+  the host for its life (the train stage releases GPU hosts after its latent cache, before Ray Train:
+  `Hosts.release`). A pool that would wait for GPUs another pool holds on the same nodes (flux-dev:
+  the scorers after the synthesis hosts took every GPU of the gpu group) releases that pool first
+  (`Hosts.pool`).
 - In flight: at most one calling task per host runs at once; `Router` hands each the host with
   the fewest calls running.
 - Faults: a host that dies is restarted once and the call retried (it loads its models again);
