@@ -154,6 +154,17 @@ def test_a_local_output_passes_on_this_one_node_ray(ray_local, tmp_path):
     init_ray(RayConfig(), output=str(tmp_path / "out"))  # the session's Ray: one node
 
 
+def test_joining_ray_sets_the_parquet_reader_that_starts_no_actors(ray_local):
+    """Ray Data's V2 Parquet reader starts footer-reader actors on every read (docs/platform.md)."""
+    from ray.data import DataContext
+
+    from artaug.cluster import init_ray
+
+    DataContext.get_current().use_datasource_v2 = True
+    init_ray(RayConfig())  # Ray is up already: joining it still sets the reader
+    assert DataContext.get_current().use_datasource_v2 is False
+
+
 def test_shared_storage_error_is_one_line_before_ray_starts(tmp_path, prompt_file):
     # A remote address is known to be another machine before anything connects (its own process:
     # this session's Ray is already up, and an initialised Ray is what init_ray checks then).
