@@ -52,7 +52,7 @@ def _configure_ray_data() -> None:
 
     # Ray 2.60's Parquet reader V2 starts new footer-reader actors for every read and kills them after:
     # each stage input waited ~10 s for worker processes to boot on a 2-core machine (0.5 s with V1,
-    # which reads footers in its read tasks). benchmarks/warm_startup.py shows the difference.
+    # which reads footers in its read tasks): docs/platform.md has the measurements.
     DataContext.get_current().use_datasource_v2 = False
 
 
