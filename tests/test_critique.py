@@ -1,9 +1,12 @@
 """The critique stage end to end: heuristic, vLLM through ray.data.llm, and a real OpenAI-compatible
 vLLM server (the session's, tests/conftest.py), with corrupt images and dead endpoints among the inputs."""
 
+import glob
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import jsonschema
 import pyarrow as pa
@@ -17,6 +20,7 @@ from artaug.critic.heuristic import heuristic_critique
 from artaug.critic.schema import critique_schema
 from artaug.images import decode_image
 from artaug.rows import GENERATE
+from artaug.stages import parts
 from artaug.stages.contract import read_stage
 from artaug.stages.critique import critique
 from tests.conftest import tiny_config, world_config
@@ -88,6 +92,30 @@ def test_world_critic_via_cli_asks_in_the_world_s_words(images, tmp_path, capsys
         a["note"] for r in rows.values() if r["critique"] for a in json.loads(r["critique"])["adjustments"]
     ]
     assert notes and set(notes) <= set(world.MIDDLE.values())
+
+
+def test_critique_follows_a_generate_stage_while_it_is_written(images, tmp_path):
+    """The loop's overlap: the critique answers the first part before the rest is generated (the
+    writer waits for a critique row before it writes more), and ends with one row per image."""
+    rows = read_stage(images).to_pylist()
+    source, out = str(tmp_path / "generate"), str(tmp_path / "critique")
+
+    def write() -> None:
+        parts.write_part(source, "part-w-00000", pa.Table.from_pylist(rows[:3], schema=GENERATE), "k")
+        deadline = time.monotonic() + 120
+        while not glob.glob(f"{out}/*.parquet"):
+            assert time.monotonic() < deadline, "no critique of the first part while generate was running"
+            time.sleep(0.1)
+        parts.write_part(source, "part-w-00001", pa.Table.from_pylist(rows[3:], schema=GENERATE), "k")
+        storage.mark_complete(source, {"stage": "generate", "rows": len(rows)})
+
+    thread = threading.Thread(target=write)
+    writer = SimpleNamespace(started=time.time(), running=thread.is_alive)
+    thread.start()
+    summary = critique(world_config(), source, out, writer=writer)
+    thread.join()
+    assert summary["input_batches"] == 2 and summary["rows"] == 8
+    assert_every_image_critiqued(rows_by_id(out), "world")
 
 
 @pytest.mark.heavy

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from artaug import storage
 from artaug.config import load_config
 from artaug.layout import ROUND_STAGES, RunLayout
 from tests.conftest import free_port
@@ -80,6 +81,12 @@ def test_run_completes_every_stage(finished_run):
         assert all(s["status"] == "complete" and s["attempt"] == 0 for s in stages.values()), stages
         assert stages["generate"]["rows"] == 24 and stages["critique"]["metrics"]["backend"] == "world"
         assert 0 < stages["filter"]["metrics"]["acceptance_rate"] < 1  # the gates on: some pass, not all
+        # The stages overlapped: the critique read generate's parts in batches, the first while generate
+        # still ran (in round 1 its model load leaves no doubt), and the latent cache filled while the
+        # filter ran (the train stage reused it).
+        assert stages["critique"]["metrics"]["input_batches"] >= (2 if k == "1" else 1), stages["critique"]
+        assert stages["train"]["latent_cache"]["pairs"] == 24, stages["train"]
+        assert storage.read_summary(RunLayout(run_dir).round(int(k)).train.latents)["encoded_while_written"]
     assert [data["final"][s]["status"] for s in ("combine", "evaluate", "report")] == ["complete"] * 3
     # Round 2 started from round 1's LoRA; the combined adapter holds both rounds.
     registered = data["rounds"]["2"]["register"]["metrics"]["loras"]

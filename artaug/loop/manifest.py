@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 from importlib import metadata
 
@@ -75,11 +76,13 @@ def model_ids(cfg: RunConfig) -> dict:
 
 
 class Manifest:
-    """The run's manifest.json, kept in memory and written through on every change."""
+    """The run's manifest.json, kept in memory and written through on every change (by one thread
+    at a time: the loop runs two stages at once where they overlap)."""
 
     def __init__(self, run_dir: str, data: dict):
         self.run_dir = run_dir
         self.data = data
+        self._lock = threading.RLock()
 
     @property
     def path(self) -> str:
@@ -129,17 +132,19 @@ class Manifest:
         return cls(run_dir, data)
 
     def save(self) -> None:
-        storage.write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+        with self._lock:
+            storage.write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
     # ------------------------------------------------------------------ attempts and stages
 
     def begin_attempt(self, resumed: bool) -> None:
         """One entry per start or resume, with the host it ran on (a resume may run elsewhere)."""
-        self.data["status"] = "running"
-        self.data["attempts"].append(
-            {"started": _now(), "resumed": resumed, "host": socket.gethostname(), "pid": os.getpid()}
-        )
-        self.save()
+        with self._lock:
+            self.data["status"] = "running"
+            self.data["attempts"].append(
+                {"started": _now(), "resumed": resumed, "host": socket.gethostname(), "pid": os.getpid()}
+            )
+            self.save()
 
     def live_attempt(self) -> int | None:
         """The pid of a process of this host still running this run, if any (two runs would collide)."""
@@ -153,48 +158,54 @@ class Manifest:
             return None
 
     def stage(self, round_index: int | str, name: str) -> dict:
-        rounds = self.data["rounds"] if isinstance(round_index, int) else None
-        bucket = rounds.setdefault(str(round_index), {}) if rounds is not None else self.data["final"]
-        return bucket.setdefault(name, {"status": "pending"})
+        with self._lock:
+            rounds = self.data["rounds"] if isinstance(round_index, int) else None
+            bucket = rounds.setdefault(str(round_index), {}) if rounds is not None else self.data["final"]
+            return bucket.setdefault(name, {"status": "pending"})
 
     def stage_started(self, round_index: int | str, name: str, path: str, attempt: int) -> None:
-        entry = self.stage(round_index, name)
-        entry.update(status="running", path=path, started=_now(), error=None, attempt=attempt)
-        self.save()
+        with self._lock:
+            entry = self.stage(round_index, name)
+            entry.update(status="running", path=path, started=_now(), error=None, attempt=attempt)
+            self.save()
 
     def stage_done(self, round_index: int | str, name: str, summary: dict, reused: bool = False) -> None:
-        entry = self.stage(round_index, name)
-        entry.update(
-            status="complete",
-            finished=entry.get("finished") if reused else _now(),
-            rows=summary.get("rows"),
-            errors=summary.get("errors", summary.get("failed")),
-            seconds=summary.get("seconds"),
-            first_output_s=summary.get("first_output_s"),
-            metrics=stage_metrics(name, summary),
-        )
-        self.save()
+        with self._lock:
+            entry = self.stage(round_index, name)
+            entry.update(
+                status="complete",
+                finished=entry.get("finished") if reused else _now(),
+                rows=summary.get("rows"),
+                errors=summary.get("errors", summary.get("failed")),
+                seconds=summary.get("seconds"),
+                first_output_s=summary.get("first_output_s"),
+                metrics=stage_metrics(name, summary),
+            )
+            self.save()
 
     def stage_failed(self, round_index: int | str, name: str, error: BaseException) -> None:
-        entry = self.stage(round_index, name)
-        entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000], finished=_now())
-        self.save()
+        with self._lock:
+            entry = self.stage(round_index, name)
+            entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000], finished=_now())
+            self.save()
 
     def set(self, **values) -> None:
-        self.data.update(values)
-        self.save()
+        with self._lock:
+            self.data.update(values)
+            self.save()
 
     def finish(self, status: str = "finished") -> None:
-        self.data["status"] = status
-        self.data["finished"] = _now()
-        self.save()
+        with self._lock:
+            self.data["status"] = status
+            self.data["finished"] = _now()
+            self.save()
 
 
 def stage_metrics(name: str, summary: dict) -> dict:
     """The few numbers of a stage summary worth keeping in the manifest (summaries stay in _SUCCESS)."""
     keys = {
         "generate": ("images", "images_per_second", "warnings"),
-        "critique": ("ok", "invalid", "failed", "with_suggestions", "backend", "engine"),
+        "critique": ("ok", "invalid", "failed", "with_suggestions", "backend", "engine", "input_batches"),
         "enhance": ("enhanced", "unchanged", "mode"),
         "filter": ("accepted", "rejected", "acceptance_rate", "mean_aesthetic_gain"),
         "train": ("mode", "steps", "first_loss", "final_loss", "restarts", "busy_s", "busy_fraction"),

@@ -2,10 +2,12 @@
 
 Round k: generate -> critique -> enhance -> filter -> train (differential) -> register, where the
 model of round k is the configured model with the LoRAs of rounds 1..k-1 fused in
-(`models.synthesis.model_of_round`). After the last round (or a round whose filter finds too
-little gain: the loop stops before training it), the rounds' LoRAs are combined into one adapter,
-the configured model and the enhanced model (`enhanced_model`: what `artaug serve` serves) are
-evaluated on held-out prompts, and the report is written. Where each output lives:
+(`models.synthesis.model_of_round`); the critique starts on generate's first parts and the latent
+cache on the filter's (`artaug.loop.overlap`).
+After the last round (or a round whose filter finds too little gain: the loop stops before training
+it), the rounds' LoRAs are combined into one adapter, the configured model and the enhanced model
+(`enhanced_model`: what `artaug serve` serves) are evaluated on held-out prompts, and the report is
+written. Where each output lives:
 `artaug.layout.RunLayout`.
 
 The loop alone decides that a complete stage is skipped: `artaug run --resume RUN_DIR` skips
@@ -30,6 +32,7 @@ from artaug.critic.judge import judge_config, judge_model
 from artaug.layout import RunLayout
 from artaug.loop.manifest import Manifest
 from artaug.loop.observe import log_context, record_stage, run_logging
+from artaug.loop.overlap import Background, EarlyCache, caches_early, critique_follows, overlapped
 from artaug.loop.prompt_sets import eval_prompts, train_prompts
 from artaug.loop.report import write_report
 from artaug.lora.algebra import combine_rounds
@@ -115,22 +118,36 @@ class Loop:
         if self.engine is not None and not storage.is_complete(d.stage("critique")):
             self.engine.start()  # the engine loads while this round generates
         step = lambda name, work, **kw: self._step(k, name, d.stage(name), label, work, **kw)  # noqa: E731
-        # generate and enhance keep the complete parts of a stopped attempt (`artaug.stages.parts`)
-        step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k, hosts=self.hosts),
-             keep_partial=True)  # fmt: skip
-        step("critique", lambda: self._critique(cfg, d.stage("generate"), d.stage("critique")))
+        # generate and enhance keep the complete parts of a stopped attempt (`artaug.stages.parts`);
+        # the critique reads generate's parts and the latent cache the filter's as they land
+        overlapped(
+            lambda: step("generate", lambda: generate(cfg, prompts, d.stage("generate"), round_index=k,
+                                                      hosts=self.hosts), keep_partial=True),
+            lambda writer: step("critique", lambda: self._critique(cfg, d.stage("generate"),
+                                                                   d.stage("critique"), writer)),
+            critique_follows(cfg, self.engine is not None),
+        )  # fmt: skip
         step("enhance", lambda: enhance(cfg, d.stage("generate"), d.stage("critique"), d.stage("enhance"),
                                         hosts=self.hosts), keep_partial=True)  # fmt: skip
-        verdict = step("filter", lambda: filter_pairs(cfg, d.stage("enhance"), d.stage("filter"),
-                                                      hosts=self.hosts, overwrite=True))  # fmt: skip
+        cache = EarlyCache(cfg, d, self.hosts)
+        verdict = overlapped(
+            lambda: step("filter", lambda: filter_pairs(cfg, d.stage("enhance"), d.stage("filter"),
+                                                        hosts=self.hosts, overwrite=True)),
+            cache, caches_early(cfg, d),
+        )  # fmt: skip
         stop = self._stop_reason(verdict, d.stage("filter"))
         if stop:
+            cache.discard()
             log.warning("%s: %s; the loop stops before training this round", label, stop)
             print(f"[{label}] stopping: {stop}")
             for name in ("train", "register"):
                 self.manifest.stage(k, name).update(status="skipped", reason=stop)
             self.manifest.set(stopped_early={"round": k, "reason": stop})
             return None
+        if cache.summary is not None:
+            self.manifest.stage(k, "train")["latent_cache"] = _early_cache_entry(cache.summary)
+            print(f"[{label}] train: latent cache of {cache.summary['pairs']} pairs encoded while the"
+                  f" filter ran ({cache.summary['seconds']:.1f} s)")  # fmt: skip
         step("train", lambda: train(cfg, d.stage("filter"), d.stage("train"), round_index=k,
                                     hosts=self.hosts), keep_partial=True)  # fmt: skip
         lora = d.train.lora
@@ -155,13 +172,14 @@ class Loop:
         """The run's Ray is private to this machine: its engine binds loopback."""
         return self.cfg.ray.address == "local"
 
-    def _critique(self, cfg: RunConfig, images: str, out: str) -> dict:
-        """The critique stage, on the run's warm engine when there is one (its busy time)."""
+    def _critique(self, cfg: RunConfig, images: str, out: str, writer: Background | None) -> dict:
+        """The critique stage (following `images` while `writer` writes it), on the run's warm engine
+        when there is one (its busy time: the stage's requests, not its waits for images)."""
         if self.engine is None:
-            return critique(cfg, images, out, overwrite=True)
+            return critique(cfg, images, out, writer=writer, overwrite=True)
         endpoint = self.engine.endpoint()  # checks the engine's health; restarts a dead one once
-        with self.engine.busy():
-            return critique(cfg, images, out, endpoint=endpoint, overwrite=True)
+        return critique(cfg, images, out, endpoint=endpoint, writer=writer, asking=self.engine.busy,
+                        overwrite=True)  # fmt: skip
 
     def _stop_reason(self, verdict: dict, filter_dir: str) -> str | None:
         loop = self.cfg.loop
@@ -240,6 +258,10 @@ class Loop:
             _log_row_errors(stage_dir)
             print(f"[{label}] {name}: {_one_line(summary)}")
             return summary
+
+
+def _early_cache_entry(summary: dict) -> dict:
+    return {"while": "filter", **{key: summary[key] for key in ("pairs", "usable", "seconds")}}
 
 
 def evaluated_models(cfg: RunConfig, layout: RunLayout) -> tuple[ModelConfig, ModelConfig]:

@@ -3,27 +3,32 @@
 Reads the generate stage's rows (or a folder of images), decodes and checks every image first (a
 corrupt one becomes an error row before inference), asks the critic (`artaug.critic.backends`),
 then parses and validates every answer. Every input row yields one output row with status ok,
-invalid or failed.
+invalid or failed. In the loop it can start on the first generated images: it follows the generate
+stage's parts while they are written (`artaug.stages.parts.follow`).
 
     artaug critique --images out/generate --out out/
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pyarrow as pa
 import ray
 
 from artaug import storage
 from artaug.config import CritiqueConfig, RunConfig
-from artaug.critic.answers import REQUEST, check_failures, failed_answers
+from artaug.critic.answers import REQUEST, CriticFailedError, check_failures, failed_answers
 from artaug.critic.backends import ask, critic_model, critique_task
 from artaug.critic.openai_backend import Endpoint
 from artaug.critic.schema import CritiqueError, has_suggestions, parse_critique, qwen25_resized_size
 from artaug.images import BadImageError, data_url, decode_image, fit
 from artaug.rows import CRITIQUE
+from artaug.stages import parts
 from artaug.stages.contract import StageInputError, read_stage, resolve_input, stage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -93,9 +98,11 @@ def parse_answers(batch: pa.Table, backend: str, box_format: str) -> pa.Table:
     return pa.Table.from_pylist(out, schema=CRITIQUE)
 
 
-def _checks(cfg: RunConfig, images: str, *_, **__) -> None:
+def _checks(cfg: RunConfig, images: str, *_, writer: parts.Writer | None = None, **__) -> None:
     if cfg.critique.backend == "vllm":
         critic_model(cfg.critique)
+    if writer is not None:  # the generate stage is still being written: `parts.follow` checks it
+        return
     if (
         storage.is_uri(images)
         or not os.path.isdir(images)
@@ -105,29 +112,34 @@ def _checks(cfg: RunConfig, images: str, *_, **__) -> None:
 
 
 @stage("critique", checks=_checks)
-def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: Endpoint | None = None) -> dict:
-    """Critique the images at `images` into `stage_dir`; `endpoint`: a warm engine to ask instead of
-    starting the configured backend's own (the run's engine, OpenAI protocol). Fails before writing
-    any row when the critic failed on more than critique.max_failed_fraction of the images."""
+def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: Endpoint | None = None,
+             writer: parts.Writer | None = None,
+             asking: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> dict:  # fmt: skip
+    """Critique the images at `images` into `stage_dir`; returns the summary.
+
+    `endpoint`: a warm engine to ask instead of starting the configured backend's own (the run's
+    engine, OpenAI protocol). `writer`: `images` is a generate stage that this thread is writing; its
+    parts are critiqued as they become whole (`parts.follow`). `asking`: a
+    context around each batch's requests (the loop counts its engine's busy time with it). Fails, and
+    removes the rows it wrote, when the critic failed on more than critique.max_failed_fraction of the
+    images."""
     critic = cfg.critique
     model = critic_model(critic) if critic.backend == "vllm" else critic.model
-    prepared = (
-        source_rows(images)
-        .map_batches(prepare, fn_kwargs={"cfg": critic}, batch_format="pyarrow")
-        .materialize()
-    )
-    good = prepared.filter(lambda row: row["error"] is None)
-    bad = prepared.filter(lambda row: row["error"] is not None)
-    answers = ask(good, critic, critique_task(critic.box_format), model, endpoint).materialize()
-    errors = [row["error"] for row in answers.select_columns(["error"]).iter_rows()]
-    check_failures("critique", errors, critic.max_failed_fraction)
-    answers = answers.union(bad.map_batches(failed_answers, batch_format="pyarrow"))
-    parsed = answers.map_batches(
-        parse_answers,
-        fn_kwargs={"backend": cfg.critique.backend, "box_format": cfg.critique.box_format},
-        batch_format="pyarrow",
-    )
-    parsed.write_parquet(stage_dir)
+    if writer is None:
+        sources = iter([source_rows(images)])
+    else:
+        columns = [*_IDS, "image", "error"]
+        sources = (ray.data.read_parquet(files, columns=columns) for files in parts.follow(images, writer))
+    key, errors, batches = parts.fingerprint(critic, model, images), [], 0
+    for rows in sources:
+        with asking():
+            errors += _critique_rows(rows, cfg, model, endpoint, stage_dir, key)
+        batches += 1
+    try:
+        check_failures("critique", errors, critic.max_failed_fraction)
+    except CriticFailedError:
+        storage.remove_tree(stage_dir)
+        raise
     table = read_stage(stage_dir, columns=["status", "suggestions"])
     statuses = table.column("status").to_pylist()
     return {
@@ -137,4 +149,25 @@ def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: Endpoint | N
         "backend": cfg.critique.backend,
         "engine": endpoint and endpoint.url,
         "model": model,
+        "input_batches": batches,
     }
+
+
+def _critique_rows(rows: ray.data.Dataset, cfg: RunConfig, model: str, endpoint: Endpoint | None,
+                   stage_dir: str, key: str) -> list[str | None]:  # fmt: skip
+    """Critique one batch of input rows into parts of `stage_dir`; returns the critic's errors (one
+    per image it was asked about) for the stage's failed-fraction rule."""
+    critic = cfg.critique
+    prepared = rows.map_batches(prepare, fn_kwargs={"cfg": critic}, batch_format="pyarrow").materialize()
+    good = prepared.filter(lambda row: row["error"] is None)
+    bad = prepared.filter(lambda row: row["error"] is not None)
+    answers = ask(good, critic, critique_task(critic.box_format), model, endpoint).materialize()
+    errors = [row["error"] for row in answers.select_columns(["error"]).iter_rows()]
+    answers = answers.union(bad.map_batches(failed_answers, batch_format="pyarrow"))
+    parsed = answers.map_batches(
+        parse_answers,
+        fn_kwargs={"backend": critic.backend, "box_format": critic.box_format},
+        batch_format="pyarrow",
+    )
+    parts.write(parsed, stage_dir, key)
+    return errors

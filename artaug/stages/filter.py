@@ -23,6 +23,7 @@ import ray
 from artaug.config import FilterConfig, RunConfig
 from artaug.rows import PAIR
 from artaug.scorers.base import scorers_for_columns
+from artaug.stages import parts
 from artaug.stages.contract import StageInputError, read_stage, resolve_input, stage
 from artaug.stages.hosts import Hosts, hosts_for
 from artaug.stages.scoring import check_sources, score_images, scored_schema
@@ -105,9 +106,9 @@ def filter_pairs(cfg: RunConfig, pairs: str, stage_dir: str, hosts: Hosts | None
     ds = ds.repartition(max(1, 2 * scorers.num_actors))
     with hosts_for(cfg, hosts) as warm:
         ds = score_images(ds, warm, scorers, names, safety, IMAGES, scored)
-        ds.map_batches(apply_decisions, fn_kwargs={"cfg": rule}, batch_format="pyarrow").write_parquet(
-            stage_dir
-        )
+        decided = ds.map_batches(apply_decisions, fn_kwargs={"cfg": rule}, batch_format="pyarrow")
+        # In parts, each whole before it is recorded: the loop's latent cache encodes them as they land.
+        parts.write(decided, stage_dir, parts.fingerprint(cfg.model, cfg.filter, cfg.scorers, source))
     fields = ("aesthetic", "alignment", "delta", "epsilon", "safety", "keep_unchanged")
     return {**summarize(stage_dir, rule), "pairs_source": source, "scorers": names,
             "rule": {k: getattr(rule, k) for k in fields}}  # fmt: skip

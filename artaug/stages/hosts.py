@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,13 +168,16 @@ class Hosts:
     cfg: RunConfig
     pools: dict[str, HostPool] = field(default_factory=dict)
     closed_stats: dict[str, list[dict]] = field(default_factory=dict)
+    # Overlapping stages (artaug.loop.overlap) ask for their pools from two threads: one starts each.
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def pool(self, role: str) -> HostPool:
-        if role not in self.pools:
-            section = self.cfg.generate if role == "synthesis" else self.cfg.scorers
-            self._make_room(section.resources, section.num_actors)
-            self.pools[role] = HostPool(role, section.resources, section.num_actors)
-        return self.pools[role]
+        with self._lock:
+            if role not in self.pools:
+                section = self.cfg.generate if role == "synthesis" else self.cfg.scorers
+                self._make_room(section.resources, section.num_actors)
+                self.pools[role] = HostPool(role, section.resources, section.num_actors)
+            return self.pools[role]
 
     def _make_room(self, resources: Resources, size: int) -> None:
         """Release the pools holding GPUs this new pool needs: with both, the nodes its labels select
@@ -188,12 +192,17 @@ class Hosts:
 
     def stats(self) -> dict[str, list[dict]]:
         """Per role, every host's counters (pid, loads per model kind, calls, rows, busy seconds)."""
-        live = {role: pool.stats() for role, pool in self.pools.items()}
+        with self._lock:
+            live = {role: pool.stats() for role, pool in self.pools.items()}
         return {role: [*self.closed_stats.get(role, []), *live.get(role, [])]
                 for role in {*live, *self.closed_stats}}  # fmt: skip
 
     def release(self, roles: tuple[str, ...] = ("synthesis", "scorers")) -> None:
         """Stop these pools (their counters are kept); the next `pool(role)` starts new hosts."""
+        with self._lock:
+            self._release(roles)
+
+    def _release(self, roles: tuple[str, ...]) -> None:
         for role in roles:
             pool = self.pools.pop(role, None)
             if pool is not None:
@@ -201,7 +210,8 @@ class Hosts:
                 pool.close()
 
     def close(self) -> None:
-        self.release(tuple(self.pools))
+        with self._lock:
+            self._release(tuple(self.pools))
 
 
 @contextlib.contextmanager
@@ -215,6 +225,12 @@ def hosts_for(cfg: RunConfig, hosts: Hosts | None):
         yield own
     finally:
         own.close()
+
+
+def hosts_coexist(cfg: RunConfig) -> bool:
+    """Synthesis and scorer hosts can be up at once (they do not ask for GPUs of the same nodes), so
+    one stage may use one pool while another uses the other (`artaug.loop.overlap`)."""
+    return not share_gpus(cfg.generate.resources, cfg.scorers.resources)
 
 
 def hosts_hold_gpus(cfg: RunConfig) -> bool:

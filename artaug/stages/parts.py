@@ -11,6 +11,11 @@ fingerprint and whose file has the recorded size; it deletes everything else in 
 returns the ids already done, so only the other rows go through the model. The completion marker,
 written after the last part (`artaug.stages.contract`), covers all of them. Readers never see the
 records: Parquet readers skip names starting with "_".
+
+A later stage can `follow` a stage while another thread still writes it: it gets the parts that
+thread writes as each becomes whole (its record says when), then the rest once the stage is
+complete. Parts kept from an earlier attempt wait for the end, so a part the writer's `resume` is
+about to delete is never read.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import io
 import json
 import logging
 import posixpath
+import time
 import uuid
+from collections.abc import Iterator
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,11 +36,16 @@ import pyarrow.parquet as pq
 import ray
 
 from artaug import storage
+from artaug.errors import ArtaugError
 
 log = logging.getLogger(__name__)
 
 RECORDS = "_parts"
 ID = "prompt_id"
+
+
+class WriterStoppedError(ArtaugError, RuntimeError):
+    """The stage being followed stopped without completing (its writer's own error says why)."""
 
 
 def fingerprint(*what) -> str:
@@ -103,5 +116,45 @@ def write_part(stage_dir: str, stem: str, table: pa.Table, key: str) -> None:
     name = f"{stem}.parquet"
     storage.write_bytes(storage.join(stage_dir, name), data)
     record = {"file": name, "bytes": len(data), "rows": table.num_rows, "ids": table.column(ID).to_pylist(),
-              "key": key}  # fmt: skip
+              "key": key, "written": time.time()}  # fmt: skip
     storage.write_text(storage.join(stage_dir, posixpath.join(RECORDS, f"{stem}.json")), json.dumps(record))
+
+
+class Writer(Protocol):
+    """Another thread writing a stage (the loop's `Background`)."""
+
+    started: float  # when it began (epoch seconds): parts whose record is older are an earlier attempt's
+
+    def running(self) -> bool: ...
+
+
+def follow(stage_dir: str, writer: Writer, poll_s: float = 0.5) -> Iterator[list[str]]:
+    """The Parquet files of a stage that `writer` is writing: lists of the parts it wrote that became
+    whole (each part once, as soon as it is polled), then, once it stopped running, the finished
+    stage's remaining files. Raises WriterStoppedError when it stopped without completing the stage."""
+    seen, older = set(), set()
+    while True:
+        still_writing = writer.running()  # asked first: a part written before the end is listed below
+        fresh = []
+        for name in sorted(storage.list_files(stage_dir)):
+            if not (name.startswith(RECORDS + "/") and name.endswith(".json")) or name in older:
+                continue
+            record = _record(storage.join(stage_dir, name))
+            if record is None or record.get("written", 0.0) < writer.started:
+                older.add(name)  # an earlier attempt's: read at the end, if the finished stage keeps it
+            elif record["file"] not in seen:
+                fresh.append(record["file"])
+        if fresh:
+            seen.update(fresh)
+            yield [storage.join(stage_dir, name) for name in fresh]
+        if not still_writing:
+            break
+        if not fresh:
+            time.sleep(poll_s)
+    if not storage.is_complete(stage_dir):
+        raise WriterStoppedError(f"{stage_dir}: the stage stopped before it was complete")
+    storage.read_summary(stage_dir)  # the files its marker lists are whole
+    names = storage.list_files(stage_dir)
+    rest = sorted(n for n in names if n.endswith(".parquet") and not n.startswith(RECORDS) and n not in seen)
+    if rest:
+        yield [storage.join(stage_dir, name) for name in rest]

@@ -15,6 +15,7 @@ import logging
 from artaug.config import RunConfig
 from artaug.layout import TrainOutput
 from artaug.models.synthesis import check_source
+from artaug.stages import parts
 from artaug.stages.contract import reusable_summary, stage
 from artaug.stages.hosts import Hosts, hosts_for, hosts_hold_gpus, map_on_hosts
 from artaug.train.latents import PairsError, cache_latents, eligible_pairs
@@ -28,11 +29,14 @@ def _checks(cfg: RunConfig, pairs_dir: str, *_, **__) -> None:
     eligible_pairs(pairs_dir)
 
 
-def encode_pairs(cfg: RunConfig, pairs_dir: str, cache_dir: str, hosts: Hosts | None = None) -> dict:
-    """The latent cache of `pairs_dir`, encoded on the synthesis `hosts` (else on hosts of its own)."""
+def encode_pairs(cfg: RunConfig, pairs_dir: str, cache_dir: str, hosts: Hosts | None = None,
+                 writer: parts.Writer | None = None) -> dict:  # fmt: skip
+    """The latent cache of `pairs_dir`, encoded on the synthesis `hosts` (else on hosts of its own);
+    `writer`: the filter stage writing `pairs_dir` now, whose parts are encoded as they land."""
+    arriving = parts.follow(pairs_dir, writer) if writer is not None else None
     with hosts_for(cfg, hosts) as warm:
         encode = lambda ds, *work: map_on_hosts(ds, warm.pool("synthesis"), *work)  # noqa: E731
-        return cache_latents(cfg, pairs_dir, cache_dir, encode)
+        return cache_latents(cfg, pairs_dir, cache_dir, encode, arriving)
 
 
 @stage("train", resumable=True, checks=_checks)

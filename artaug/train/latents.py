@@ -25,7 +25,7 @@ import io
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import groupby
 
 import numpy as np
@@ -189,25 +189,37 @@ def skip_reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
-def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str, encode: Encode) -> dict:
+def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str, encode: Encode,
+                  arriving: Iterable[list[str]] | None = None) -> dict:  # fmt: skip
     """Encode the pairs in `pairs_dir` into `cache_dir` (Parquet + `_SUCCESS`) with `encode`, which
-    maps `LatentEncoder` over the rows on the synthesis hosts; returns the summary.
+    maps `LatentEncoder` over the rows on the synthesis hosts; returns the summary. `arriving`: the
+    files of `pairs_dir` in batches as a stage still writing it finishes them (the loop's overlap
+    with the filter, `artaug.stages.parts.follow`); None: the folder as it is.
 
-    Raises PairsError, before any host is asked for, when no row is eligible for training.
+    Raises PairsError, before any host is asked for, when no row of a finished pair set is eligible
+    for training.
     """
     check_source(cfg.model)
-    total, excluded = eligible_pairs(pairs_dir)
+    if arriving is None:
+        eligible_pairs(pairs_dir)
     storage.remove_tree(cache_dir)
     init_ray(cfg.ray, output=cache_dir)
     start = time.perf_counter()
     fs, path = storage.resolve(pairs_dir)
     out_fs, out_path = storage.resolve(cache_dir)
-    blocks = max(1, min(total, 4 * cfg.generate.num_actors))  # a few per synthesis host
-    pairs = ray.data.read_parquet(path, filesystem=fs, override_num_blocks=blocks)
-    ds = encode(pairs, LatentEncoder, {"cfg": cfg}, cfg.train.encode_batch_size)
-    # No global sort (a shuffle costs more than the encoding at small scale): each shard is sorted by
-    # ids and readers order all rows by ids.
-    ds.write_parquet(out_path, filesystem=out_fs)
+    for files in [None] if arriving is None else arriving:
+        source = path if files is None else [storage.resolve(f)[1] for f in files]
+        rows = pq.ParquetDataset(source, filesystem=fs).read(["prompt_id"]).num_rows
+        blocks = max(1, min(rows, 4 * cfg.generate.num_actors))  # a few per synthesis host
+        pairs = ray.data.read_parquet(
+            source, filesystem=fs, override_num_blocks=blocks, file_extensions=["parquet"]
+        )
+        # No global sort (a shuffle costs more than the encoding at small scale): each shard is sorted
+        # by ids and readers order all rows by ids.
+        encode(pairs, LatentEncoder, {"cfg": cfg}, cfg.train.encode_batch_size).write_parquet(
+            out_path, filesystem=out_fs
+        )
+    total = read_pairs(pairs_dir, columns=["prompt_id"]).num_rows
     written = pq.read_table(out_path, filesystem=out_fs, columns=["skipped", "round"])
     skipped = Counter(skip_reason_kind(r) for r in written.column("skipped").to_pylist() if r)
     summary = {
@@ -218,6 +230,7 @@ def cache_latents(cfg: RunConfig, pairs_dir: str, cache_dir: str, encode: Encode
         "rounds": sorted(set(written.column("round").to_pylist())),
         "seconds": round(time.perf_counter() - start, 3),
         "pairs_source": pairs_dir,
+        "encoded_while_written": arriving is not None,
     }
     storage.mark_complete(cache_dir, summary)
     return summary

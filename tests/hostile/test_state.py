@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +21,7 @@ import pytest
 from artaug import storage
 from artaug.errors import ArtaugError
 from artaug.runlock import RunLockError, hold
+from artaug.stages import parts
 from artaug.stages.contract import StageDoneError, read_stage, resolve_input, reusable_summary, run_stage
 from tests.conftest import tiny_config
 
@@ -237,6 +240,37 @@ def test_a_stage_records_when_its_first_file_was_written_not_an_earlier_attempts
     assert 1.0 <= summary["first_output_s"] < summary["seconds"] - 0.4, summary
     assert storage.read_summary(folder)["first_output_s"] == summary["first_output_s"]
     assert "first_output_s" not in run_stage("generate", str(tmp_path / "empty"), dict)  # no file, no figure
+
+
+def test_a_follower_reads_this_attempt_s_parts_as_they_land_and_earlier_ones_at_the_end(tmp_path):
+    """`parts.follow`: a part written since following began comes out while the writer still writes;
+    a part kept from an earlier attempt (its writer may yet delete it) only once the stage is complete."""
+    folder = str(tmp_path / "generate")
+    table = lambda *ids: pa.table({"prompt_id": list(ids)})  # noqa: E731
+    parts.write_part(folder, "part-earlier-00000", table("p0"), "key")
+    old = os.path.join(folder, "_parts", "part-earlier-00000.json")
+    record = json.load(open(old))
+    json.dump({**record, "written": time.time() - 600}, open(old, "w"))
+    writing, batches = threading.Event(), []
+    writing.set()
+    writer = SimpleNamespace(started=time.time(), running=writing.is_set)
+    follower = parts.follow(folder, writer, poll_s=0.05)
+    parts.write_part(folder, "part-now-00000", table("p1", "p2"), "key")
+    batches.append([os.path.basename(f) for f in next(follower)])  # while the writer is still writing
+    parts.write_part(folder, "part-now-00001", table("p3"), "key")
+    storage.mark_complete(folder, {"rows": 4})
+    writing.clear()
+    batches += [[os.path.basename(f) for f in files] for files in follower]
+    assert batches == [["part-now-00000.parquet"], ["part-now-00001.parquet"], ["part-earlier-00000.parquet"]]
+
+
+def test_a_follower_of_a_stage_that_stopped_part_way_raises(tmp_path):
+    folder = str(tmp_path / "generate")
+    parts.write_part(folder, "part-a-00000", pa.table({"prompt_id": ["p1"]}), "key")
+    follower = parts.follow(folder, SimpleNamespace(started=0.0, running=lambda: False))
+    next(follower)  # what was written is read
+    with pytest.raises(parts.WriterStoppedError, match="stopped before it was complete"):
+        next(follower)
 
 
 def completed_stage_work(folder: str) -> dict:
