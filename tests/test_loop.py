@@ -31,14 +31,14 @@ from tests.conftest import free_port
 # tests/test_jobs.py). The filter's gates stay on; the loop's stopping rules are off here so that
 # both rounds train (two rounds, resume and combine are what this run checks; the stopping rules have
 # their own test below). One request at a time keeps vLLM's batching, hence every answer, the same
-# from run to run.
+# from run to run. The stages overlap as on a cluster (flux-dev's setting), so this run shows they can.
 CI_SIZED = [
     "loop.rounds=2", "loop.max_prompts=24", "loop.new_prompts_each_round=false",
     "loop.eval_max_prompts=16", "loop.report_pairs=2",
     "loop.min_acceptance_rate=0", "loop.min_aesthetic_gain=-1",
     "generate.num_actors=1", "critique.concurrency=1", "train.checkpoint_every=20",
     "train.num_workers=1", "train.grad_accumulation=2",
-    "evaluate.judge=true", "evaluate.bootstrap_samples=200",
+    "evaluate.judge=true", "evaluate.bootstrap_samples=200", "loop.overlap_stages=true",
 ]  # fmt: skip
 
 

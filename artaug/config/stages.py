@@ -296,8 +296,8 @@ class LoopConfig:
     """Re-compress the combined LoRA to this rank per layer with an SVD (0: exact concatenation)."""
     persistent_critic: Bool = True
     """With the vllm critic on one engine: start it once for all rounds (OpenAI protocol), not per round."""
-    overlap_stages: Bool = True
-    """Overlap stages: critique starts on generate's first parts, the latent cache on the filter's."""
+    overlap_stages: Bool = False
+    """Critique starts on generate's first parts, the latent cache on the filter's (flux-dev: on)."""
     evaluate: Bool = True
     """At the end, evaluate base vs base + combined LoRA on held-out prompts (evaluate section)."""
     eval_prompts: Text = ""

@@ -8,8 +8,9 @@ it while that one still writes them (`artaug.stages.parts.follow`).
   round the filter stops does not keep it. A cache that fails here is left to the train stage.
 - The judge's engine loads while the evaluation generates (`Loop._judge_engine`).
 
-`loop.overlap_stages: false` runs them one after the other. The earlier stage runs in a daemon
-thread (`Background`), the later one in the loop's thread. A failure of the earlier stage is raised
+Only with `loop.overlap_stages` (off by default: on one small machine the two stages only contend
+for its cores; on in the flux-dev preset). The earlier stage runs in a daemon thread (`Background`),
+the later one in the loop's thread. A failure of the earlier stage is raised
 first (it is the cause); an interrupt does not wait for it.
 """
 
