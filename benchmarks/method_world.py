@@ -26,7 +26,7 @@ from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
 from artaug.photometric import apply_adjustments
 from artaug.rows import PAIR
-from artaug.train.latents import exclusion, read_pairs
+from artaug.train.pairs import exclusion, read_pairs
 
 log = logging.getLogger("method_check")
 ARTAUG = os.path.join(os.path.dirname(sys.executable), "artaug")

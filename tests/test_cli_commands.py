@@ -73,6 +73,26 @@ def test_commands_that_start_ray_refuse_bad_input_first(args, message, tmp_path)
     refused(artaug(*(a.format(tmp=tmp_path) for a in args)), message)
 
 
+def test_stage_commands_check_their_input_before_importing_torch_or_ray(tmp_path):
+    """A wrong input path is refused by checks that need no model code (`artaug.stages.inputs`,
+    `artaug.train.pairs`): the process never imports torch, Ray or diffusers."""
+    none, out = str(tmp_path / "none"), str(tmp_path / "o")
+    commands = [
+        ["critique", "--images", none, "--out", out],
+        ["enhance", "--images", none, "--critiques", none, "--out", out],
+        ["filter", "--pairs", none, "--out", out],
+        ["train", "--pairs", none, "--out", out],
+    ]
+    code = (
+        "import sys\nfrom artaug.cli import main\n"
+        f"codes = [main(args) for args in {commands!r}]\n"
+        "print(codes, sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2] []", result.stdout + result.stderr[-3000:]
+
+
 def test_lora_commands_run_in_a_fresh_process(tiny_dir, tmp_path):
     first = random_lora(tmp_path / "a.safetensors", seed=1, rank=2, alpha=4.0, targets=DOUBLE)
     second = random_lora(tmp_path / "b.safetensors", seed=2, rank=3, alpha=3.0, targets=DOUBLE[:4])

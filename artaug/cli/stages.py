@@ -134,9 +134,12 @@ def cmd_generate(args) -> int:
 @_into_run()
 def cmd_critique(args) -> int:
     from artaug import storage
-    from artaug.stages.critique import critique
+    from artaug.stages import inputs
 
     cfg = load(args)
+    inputs.images_to_critique(args.images)  # refused before torch and Ray import
+    from artaug.stages.critique import critique
+
     _write_config(cfg, args.out)
     stage_dir = storage.join(args.out, "critique")
     log.info("critiquing %s with the %s critic into %s", args.images, cfg.critique.backend, stage_dir)
@@ -151,9 +154,13 @@ def cmd_critique(args) -> int:
 @_into_run()
 def cmd_enhance(args) -> int:
     from artaug import storage
-    from artaug.stages.enhance import enhance
+    from artaug.stages import inputs
 
     cfg = load(args)
+    inputs.generated(args.images)  # refused before torch and Ray import
+    inputs.critiques(args.critiques)
+    from artaug.stages.enhance import enhance
+
     _write_config(cfg, args.out)
     stage_dir = storage.join(args.out, "enhance")
     log.info("enhancing (%s) into %s", cfg.enhance.mode, stage_dir)
@@ -168,9 +175,12 @@ def cmd_enhance(args) -> int:
 @_into_run()
 def cmd_filter(args) -> int:
     from artaug import storage
-    from artaug.stages.filter import filter_pairs
+    from artaug.stages import inputs
 
     cfg = load(args)
+    inputs.pairs(args.pairs)  # refused before torch and Ray import
+    from artaug.stages.filter import filter_pairs
+
     stage_dir = storage.join(args.out, "filter")
     s = filter_pairs(cfg, args.pairs, stage_dir, overwrite=args.overwrite)
     _write_config(cfg, args.out)
@@ -185,10 +195,13 @@ def cmd_filter(args) -> int:
 @_into_run(stage_is_out=True)
 def cmd_train(args) -> int:
     from artaug import storage
-    from artaug.stages.train import train
+    from artaug.train.pairs import eligible_pairs
 
     cfg = load(args)
     pairs, out = storage.absolute(args.pairs), storage.absolute(args.out)
+    eligible_pairs(pairs)  # refused before torch and Ray import
+    from artaug.stages.train import train
+
     if not args.overwrite:  # --overwrite clears OUT, run.yaml included: written again below
         _write_config(cfg, out)
     s = train(cfg, pairs, out, round_index=args.round, overwrite=args.overwrite)

@@ -47,7 +47,7 @@ from artaug.stages.filter import filter_pairs
 from artaug.stages.generate import generate
 from artaug.stages.hosts import Hosts, hosts_summary
 from artaug.stages.train import train
-from artaug.train.latents import PairsError, eligible_pairs
+from artaug.train.pairs import PairsError, eligible_pairs
 
 log = logging.getLogger(__name__)
 

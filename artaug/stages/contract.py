@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from artaug import storage
-from artaug.cluster import init_ray
 from artaug.config import RayConfig
 from artaug.errors import ArtaugError
 
@@ -54,6 +53,8 @@ def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayC
     else:
         storage.remove(storage.join(stage_dir, storage.SUCCESS))
     if ray_cfg is not None:
+        from artaug.cluster import init_ray  # here: a stage's input checks need no Ray
+
         init_ray(ray_cfg, output=stage_dir)
     start, started_at = time.perf_counter(), time.time()
     summary = {"stage": name, **work()}

@@ -28,29 +28,19 @@ from artaug.critic.openai_backend import Endpoint
 from artaug.critic.schema import CritiqueError, has_suggestions, parse_critique, qwen25_resized_size
 from artaug.images import BadImageError, data_url, decode_image, fit
 from artaug.rows import CRITIQUE
-from artaug.stages import parts
-from artaug.stages.contract import StageInputError, read_stage, resolve_input, stage
+from artaug.stages import inputs, parts
+from artaug.stages.contract import read_stage, stage
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _IDS = ("prompt_id", "prompt", "seed", "round")
 
 
 def source_rows(path: str) -> ray.data.Dataset:
     """Rows with prompt_id, prompt, seed, round, image, error from a generate output or image folder."""
-    columns = [*_IDS, "image", "error"]
-    try:
-        folder = resolve_input(path, "generate", tuple(columns))
-        return ray.data.read_parquet(folder, columns=columns, file_extensions=["parquet"])
-    except StageInputError:
-        if storage.is_uri(path) or not os.path.isdir(path):
-            raise
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise StageInputError(
-            f"{path}: neither a completed generate output (with _SUCCESS) nor a folder of images"
-        )
+    folder = inputs.images_to_critique(path)
+    if folder is not None:
+        return ray.data.read_parquet(folder, columns=list(inputs.CRITIQUED), file_extensions=["parquet"])
     rows = []
-    for name in files:
+    for name in sorted(f for f in os.listdir(path) if f.lower().endswith(inputs.IMAGE_SUFFIXES)):
         with open(os.path.join(path, name), "rb") as f:
             rows.append({"prompt_id": os.path.splitext(name)[0], "prompt": "", "seed": 0, "round": 0,
                          "image": f.read(), "error": None})  # fmt: skip
@@ -101,14 +91,8 @@ def parse_answers(batch: pa.Table, backend: str, box_format: str) -> pa.Table:
 def _checks(cfg: RunConfig, images: str, *_, writer: parts.Writer | None = None, **__) -> None:
     if cfg.critique.backend == "vllm":
         critic_model(cfg.critique)
-    if writer is not None:  # the generate stage is still being written: `parts.follow` checks it
-        return
-    if (
-        storage.is_uri(images)
-        or not os.path.isdir(images)
-        or not any(f.lower().endswith(IMAGE_SUFFIXES) for f in os.listdir(images))
-    ):
-        resolve_input(images, "generate", (*_IDS, "image", "error"))
+    if writer is None:  # else the generate stage is still being written: `parts.follow` checks it
+        inputs.images_to_critique(images)
 
 
 @stage("critique", checks=_checks)
@@ -128,7 +112,7 @@ def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: Endpoint | N
     if writer is None:
         sources = iter([source_rows(images)])
     else:
-        columns = [*_IDS, "image", "error"]
+        columns = list(inputs.CRITIQUED)
         sources = (ray.data.read_parquet(files, columns=columns) for files in parts.follow(images, writer))
     key, errors, batches = parts.fingerprint(critic, model, images), [], 0
     for rows in sources:

@@ -30,10 +30,11 @@ from artaug.images import BadImageError, decode_image, png_bytes
 from artaug.models.sampling import Job, Region, sample
 from artaug.models.synthesis import check_source, host_pipeline
 from artaug.photometric import apply_adjustments
-from artaug.rows import CRITIQUE, GENERATE, PAIR
+from artaug.rows import PAIR
+from artaug.stages import inputs as stage_inputs
 from artaug.stages import parts as part_files
 from artaug.stages.batching import run_in_groups
-from artaug.stages.contract import read_stage, resolve_input, stage
+from artaug.stages.contract import read_stage, stage
 from artaug.stages.hosts import Hosts, ModelHost, hosts_for, map_on_hosts
 
 IDS = ("prompt_id", "seed", "round")
@@ -190,8 +191,8 @@ def check_ids(generated: list[dict], critiques: dict) -> None:
 
 def _inputs(images: str, critiques: str) -> tuple[str, dict[str, str | None]]:
     """(the generate folder, the critiques by image key), checked to describe the same images."""
-    generate_dir = resolve_input(images, "generate", tuple(GENERATE.names))
-    critique_map = load_critiques(resolve_input(critiques, "critique", tuple(CRITIQUE.names)))
+    generate_dir = stage_inputs.generated(images)
+    critique_map = load_critiques(stage_inputs.critiques(critiques))
     check_ids(read_stage(generate_dir, columns=list(IDS)).to_pylist(), critique_map)
     return generate_dir, critique_map
 

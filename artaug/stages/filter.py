@@ -23,8 +23,8 @@ import ray
 from artaug.config import FilterConfig, RunConfig
 from artaug.rows import PAIR
 from artaug.scorers.base import scorers_for_columns
-from artaug.stages import parts
-from artaug.stages.contract import StageInputError, read_stage, resolve_input, stage
+from artaug.stages import inputs, parts
+from artaug.stages.contract import StageInputError, read_stage, stage
 from artaug.stages.hosts import Hosts, hosts_for
 from artaug.stages.scoring import check_sources, score_images, scored_schema
 
@@ -90,7 +90,7 @@ def scorer_names(cfg: FilterConfig) -> list[str]:
 
 def _checks(cfg: RunConfig, pairs: str, *_, **__) -> None:
     check_sources(scorer_names(cfg.filter), cfg.scorers, cfg.safety if cfg.filter.safety else None)
-    resolve_input(pairs, "enhance", tuple(PAIR.names), require_complete=False)
+    inputs.pairs(pairs)
 
 
 @stage("filter", checks=_checks)
@@ -100,7 +100,7 @@ def filter_pairs(cfg: RunConfig, pairs: str, stage_dir: str, hosts: Hosts | None
     rule, scorers = cfg.filter, cfg.scorers
     names = scorer_names(rule)
     safety = cfg.safety if rule.safety else None
-    source = resolve_input(pairs, "enhance", tuple(PAIR.names), require_complete=False)
+    source = inputs.pairs(pairs)
     scored = scored_schema(PAIR, names, IMAGES, safety is not None)
     ds = ray.data.read_parquet(source, file_extensions=["parquet"], schema=PAIR)
     ds = ds.repartition(max(1, 2 * scorers.num_actors))

@@ -18,7 +18,8 @@ from artaug.models.synthesis import check_source
 from artaug.stages import parts
 from artaug.stages.contract import reusable_summary, stage
 from artaug.stages.hosts import Hosts, hosts_for, hosts_hold_gpus, map_on_hosts
-from artaug.train.latents import PairsError, cache_latents, eligible_pairs
+from artaug.train.latents import cache_latents
+from artaug.train.pairs import PairsError, eligible_pairs
 from artaug.train.trainer import fit
 
 log = logging.getLogger(__name__)

@@ -38,52 +38,13 @@ from PIL import Image
 from artaug import storage
 from artaug.cluster import init_ray
 from artaug.config import RunConfig
-from artaug.errors import ArtaugError
 from artaug.models.synthesis import ModelCache, check_source, host_pipeline
 from artaug.rows import LATENT
+from artaug.train.pairs import eligible_pairs, exclusion, read_pairs
 
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["prompt_id", "seed", "round"]
-
-
-class PairsError(ArtaugError, ValueError):
-    """The pair set is missing, unreadable or holds no pair that can be trained on."""
-
-
-def eligible_pairs(pairs_dir: str) -> tuple[int, Counter]:
-    """(rows, Counter of exclusion reasons), read from small columns; PairsError when none is eligible."""
-    table = read_pairs(pairs_dir, columns=["error", "unchanged", "accepted"])
-    reasons = Counter(r for r in map(exclusion, table.to_pylist()) if r)
-    if table.num_rows - sum(reasons.values()) == 0:
-        detail = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "the set is empty"
-        raise PairsError(f"no pairs to train on in {pairs_dir}: {table.num_rows} rows ({detail})")
-    return table.num_rows, reasons
-
-
-def read_pairs(pairs_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """Pair rows (PAIR, maybe with the filter's columns); missing optional columns are skipped."""
-    if not storage.exists(pairs_dir):
-        raise PairsError(f"pairs folder {pairs_dir} does not exist")
-    fs, path = storage.resolve(pairs_dir)
-    try:
-        dataset = pq.ParquetDataset(path, filesystem=fs)
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad pair folder
-        raise PairsError(f"pairs folder {pairs_dir}: not readable as Parquet ({err})") from None
-    names = dataset.schema.names
-    wanted = [c for c in columns if c in names] if columns is not None else None
-    return dataset.read(columns=wanted)
-
-
-def exclusion(row: dict) -> str | None:
-    """Why an earlier stage's verdict keeps this row out of training (None: it is eligible)."""
-    if row.get("error"):
-        return "error rows"
-    if row.get("unchanged"):
-        return "unchanged"
-    if row.get("accepted") is False:
-        return "not accepted"
-    return None
 
 
 # (the Ray dataset in, the work class, its keyword arguments, rows per call) -> the mapped dataset

@@ -32,7 +32,8 @@ from artaug.lora.algebra import combine
 from artaug.lora.files import check_finite_bytes, read_metadata
 from artaug.train.backend import WorkerDeviceTorchConfig
 from artaug.train.checkpoints import DIVERGED, prepare
-from artaug.train.latents import ID_COLUMNS, PairsError, read_cache
+from artaug.train.latents import ID_COLUMNS, read_cache
+from artaug.train.pairs import PairsError
 from artaug.train.worker import METRICS_FILE, STATE_FILE, FaultInjection, train_loop_per_worker
 
 log = logging.getLogger(__name__)
