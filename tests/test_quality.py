@@ -29,6 +29,7 @@ from artaug.scorers.safety import ClipConceptChecker, SafetyConfigError
 from artaug.stages.contract import read_stage
 from artaug.stages.filter import apply_decisions, decision_schema
 from tests.conftest import tiny_config
+from tests.pairs import pair_row, write_pairs
 
 CPU = torch.device("cpu")
 
@@ -181,11 +182,11 @@ def test_models_convert_rewrites_a_weights_only_pickle(tmp_path, capsys):
 
 def test_missing_scorer_weights_fail_at_start_naming_the_path(tmp_path, capsys):
     missing = str(tmp_path / "nowhere" / "sac+logos.pth")
-    pairs = tmp_path / "pairs"
+    pairs = write_pairs(str(tmp_path / "pairs"), [pair_row(0)])  # a readable input: the weights are refused
     args = [
         "filter",
         "--pairs",
-        str(pairs),
+        pairs,
         "--out",
         str(tmp_path / "f"),
         "--preset",

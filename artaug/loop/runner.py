@@ -2,8 +2,8 @@
 
 Round k: generate -> critique -> enhance -> filter -> train (differential) -> register, where the
 model of round k is the configured model with the LoRAs of rounds 1..k-1 fused in
-(`models.synthesis.model_of_round`); the critique starts on generate's first parts and the latent
-cache on the filter's (`artaug.loop.overlap`).
+(`models.synthesis.model_of_round`); with `loop.overlap_stages`, the critique starts on generate's
+first parts and the latent cache on the filter's (`artaug.loop.overlap`).
 After the last round (or a round whose filter finds too little gain: the loop stops before training
 it), the rounds' LoRAs are combined into one adapter, the configured model and the enhanced model
 (`enhanced_model`: what `artaug serve` serves) are evaluated on held-out prompts, and the report is
