@@ -102,15 +102,14 @@ def critique(cfg: RunConfig, images: str, stage_dir: str, endpoint: Endpoint | N
     """Critique the images at `images` into `stage_dir`; returns the summary.
 
     `endpoint`: a warm engine to ask instead of starting the configured backend's own (the run's
-    engine, OpenAI protocol). `writer`: `images` is a generate stage that this thread is writing; its
-    parts are critiqued as they become whole (`parts.follow`). `asking`: a
-    context around each batch's requests (the loop counts its engine's busy time with it). Fails, and
-    removes the rows it wrote, when the critic failed on more than critique.max_failed_fraction of the
-    images."""
+    engine, OpenAI protocol). `writer`: the thread writing the generate stage `images`; its parts are
+    critiqued as they become whole (`parts.follow`). `asking`: a context around each batch's
+    requests (the loop counts its engine's busy time with it). Fails, and removes the rows it wrote,
+    when the critic failed on more than critique.max_failed_fraction of the images."""
     critic = cfg.critique
     model = critic_model(critic) if critic.backend == "vllm" else critic.model
     if writer is None:
-        sources = iter([source_rows(images)])
+        sources = [source_rows(images)]
     else:
         columns = list(inputs.CRITIQUED)
         sources = (ray.data.read_parquet(files, columns=columns) for files in parts.follow(images, writer))
