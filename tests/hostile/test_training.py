@@ -189,6 +189,8 @@ def parts_rows(stage_dir: str) -> int:
         return 0
     rows = 0
     for name in os.listdir(folder):
+        if not name.endswith(".json"):  # a record being written: storage's temporary file, not yet renamed
+            continue
         try:
             with open(os.path.join(folder, name)) as f:
                 rows += json.load(f)["rows"]
