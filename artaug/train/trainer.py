@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -40,6 +41,18 @@ log = logging.getLogger(__name__)
 
 # Fields that change how a run is executed, not what it computes: a run may resume with other values.
 _OPERATIONAL = {"checkpoint_every", "keep_checkpoints", "max_failures", "encode_batch_size"}
+
+# Ray Train settings for a private local Ray (a laptop, CI). Each fit starts a preemption-watcher actor
+# (one more Python process, ~4 s of CPU on a 2-core machine) to watch for a node being drained, which a
+# single private node never is, and exports metrics nobody scrapes; its controller polls the workers
+# every 2 s, so a finished fit waits up to 2 s to be noticed. Ray Train passes these variables from
+# the driver to its controller and workers; a value the user set is kept. Measured in
+# benchmarks/train_fit_start.py.
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 class CheckpointConflictError(ArtaugError, RuntimeError):
@@ -147,6 +160,9 @@ def _fit_one(
     experiment = storage.join(checkpoints, cfg.name)  # Ray Train's folder of this run's checkpoints
     prepare(experiment)
     init_ray(cfg.ray, output=out)
+    if cfg.ray.address == "local":
+        for name, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(name, value)
     gpus = gpus_for(cfg.train.resources)
     fs, path = storage.resolve(checkpoints)
     trainer = TorchTrainer(
