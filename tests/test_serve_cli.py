@@ -32,7 +32,8 @@ from artaug.layout import RunLayout
 from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
 from artaug.serve.app import app_builder
-from artaug.serve.launch import ServeSetupError, resolve_config
+from artaug.serve.launch import resolve_config
+from artaug.serve.sources import ServeSetupError
 from tests.conftest import free_port, tiny_config
 from tests.test_models import make_lora
 

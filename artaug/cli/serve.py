@@ -34,6 +34,9 @@ def add_commands(commands) -> None:
 
 def cmd_serve(args) -> int:
     """Runs until interrupted (Ctrl-C or SIGTERM); without RUN_DIR or --lora, serves the base model."""
+    from artaug.serve.sources import check_sources
+
+    check_sources(args.run_dir, args.lora, args.config)  # refused before Ray, torch and diffusers import
     from artaug.serve.launch import resolve_config, serve_locally
 
     flags = [

@@ -19,20 +19,15 @@ from ray import serve
 from artaug import storage
 from artaug.cluster import init_ray
 from artaug.config import ModelConfig, RunConfig, load_config
-from artaug.errors import ArtaugError
 from artaug.hub import apply, looks_local
-from artaug.layout import RunLayout
 from artaug.lora.files import check_finite
 from artaug.models.synthesis import check_source, enhanced_model
 from artaug.serve.app import build_app
+from artaug.serve.sources import check_safetensors, check_sources
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class ServeSetupError(ArtaugError, ValueError):
-    """`artaug serve` was pointed at something it will not load (no run.yaml, a non-safetensors LoRA)."""
 
 
 def resolve_config(
@@ -50,14 +45,8 @@ def resolve_config(
     combined LoRA, the base model is served (and the log says so). With `lora`, that file is fused
     into the configured model the same way.
     """
-    if run_dir and config_path:
-        raise ServeSetupError("give either RUN_DIR (its run.yaml is the config) or --config, not both")
-    if run_dir and lora:
-        raise ServeSetupError("give either RUN_DIR (its combined LoRA is served) or --lora, not both")
-    layout = RunLayout(run_dir) if run_dir else None
+    layout = check_sources(run_dir, lora, config_path)
     if layout is not None:
-        if not storage.exists(layout.run_yaml):
-            raise ServeSetupError(f"{run_dir} is not a run directory: {layout.run_yaml} does not exist")
         config_path = layout.run_yaml
     cfg = load_config(preset, config_path, overrides, default_preset=default_preset)
     apply(cfg.hub)  # before Ray starts here: its workers inherit the setting (artaug.cluster)
@@ -73,14 +62,10 @@ def resolve_config(
                 model.source,
             )
     if lora:
-        if not storage.exists(lora):
-            raise ServeSetupError(f"--lora: file {lora!r} does not exist")
         model = enhanced_model(model, lora)
     model = _absolute_paths(model)
-    for path in model.loras:
-        # Only safetensors: other LoRA formats are pickles, which can run code when loaded.
-        if not path.endswith(".safetensors"):
-            raise ServeSetupError(f"LoRA {path!r} is not a .safetensors file; only safetensors are loaded")
+    for path in model.loras:  # the run's and the config's LoRAs too
+        check_safetensors(path)
         check_finite(path)  # refused here, before Ray starts, not in every replica
     return dataclasses.replace(cfg, model=model)
 
