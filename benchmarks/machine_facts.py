@@ -1,8 +1,11 @@
 """What a benchmark's figures were measured on: CPU, cores, memory, GPU, versions, and the commit
-(with whether artaug/ had uncommitted changes). Imported by the scripts beside it."""
+(with whether artaug/ had uncommitted changes), and where its results go. Imported by the scripts
+beside it."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import subprocess
@@ -29,3 +32,18 @@ def machine(packages: tuple[str, ...]) -> dict:
         "commit": commit.strip(),
         "artaug_uncommitted_changes": bool(dirty.stdout.strip()),
     }
+
+
+def save_result(folder: str, name: str, result: dict) -> str:
+    """Write `result` as FOLDER/NAME (indented JSON); returns the path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return path
+
+
+def run_facts(packages: tuple[str, ...], load_before: tuple[float, ...]) -> dict:
+    """The fields every result starts with: the date, the machine, the load averages before and now."""
+    return {"date": datetime.date.today().isoformat(), "machine": machine(packages),
+            "load_avg_before": load_before, "load_avg_after": os.getloadavg()}  # fmt: skip

@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine_facts import machine  # noqa: E402
+from machine_facts import run_facts, save_result  # noqa: E402
 from warm_startup import RESULTS, run  # noqa: E402 - the same timed `artaug run`
 
 MODES = {"overlap": "loop.overlap_stages=true", "sequential": "loop.overlap_stages=false"}
@@ -64,18 +64,13 @@ def main() -> None:
             print(f"{mode:10} run {i + 1}: {seconds:.0f} s  {runs[mode][-1]['rounds']}", flush=True)
     median = {mode: statistics.median(r["run_s"] for r in done) for mode, done in runs.items()}
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(("torch", "ray")),
-        "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
+        **run_facts(("torch", "ray"), load_before),
         "settings": args.set,
         "runs": runs,
         "median_run_s": median,
         "ratio_overlap_to_sequential": round(median["overlap"] / median["sequential"], 3),
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "stage-overlap.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    save_result(args.out, "stage-overlap.json", result)
     print(f"median run: overlap {median['overlap']:.0f} s, sequential {median['sequential']:.0f} s,"
           f" ratio {result['ratio_overlap_to_sequential']}")  # fmt: skip
 

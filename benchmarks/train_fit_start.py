@@ -15,7 +15,6 @@ benchmarks/results/), the ratio artaug / defaults of the median fit.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # for tests.pairs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine_facts import machine  # noqa: E402
+from machine_facts import run_facts, save_result  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RAY_DEFAULTS = {
@@ -107,18 +106,13 @@ def main() -> None:
             print(f"{mode:13} process {i + 1}: " + ", ".join(f"{f['fit_s']:.1f} s" for f in done), flush=True)
     median = {mode: statistics.median(f["fit_s"] for f in done) for mode, done in fits.items()}
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(("torch", "ray", "deepspeed")),
-        "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
+        **run_facts(("torch", "ray", "deepspeed"), load_before),
         "ray_defaults": RAY_DEFAULTS,
         "fits": fits,
         "median_fit_s": median,
         "ratio_artaug_to_defaults": round(median["artaug local"] / median["ray defaults"], 3),
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "train-fit-start.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    save_result(args.out, "train-fit-start.json", result)
     print(f"median fit: Ray Train defaults {median['ray defaults']:.1f} s, artaug local"
           f" {median['artaug local']:.1f} s, ratio {result['ratio_artaug_to_defaults']}")  # fmt: skip
 
