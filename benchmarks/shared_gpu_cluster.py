@@ -181,7 +181,7 @@ def warm_reference(run_dir: str, work: str) -> dict:
     from artaug.config import load_config
     from artaug.layout import RunLayout
     from artaug.loop.prompt_sets import train_prompts
-    from artaug.models.synthesis import model_of_round
+    from artaug.models.lineage import model_of_round
     from artaug.stages.generate import generate
     from artaug.stages.hosts import Hosts, hosts_summary
 

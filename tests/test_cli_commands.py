@@ -75,7 +75,8 @@ def test_commands_that_start_ray_refuse_bad_input_first(args, message, tmp_path)
 
 def test_stage_commands_check_their_input_before_importing_torch_or_ray(tmp_path):
     """A wrong input path is refused by checks that need no model code (`artaug.stages.inputs`,
-    `artaug.train.pairs`, `artaug.serve.sources`): the process never imports torch, Ray or diffusers."""
+    `artaug.train.pairs`, `artaug.serve.sources`, `artaug.models.lineage`): the process never imports
+    torch, Ray or diffusers."""
     none, out = str(tmp_path / "none"), str(tmp_path / "o")
     commands = [
         ["critique", "--images", none, "--out", out],
@@ -83,6 +84,7 @@ def test_stage_commands_check_their_input_before_importing_torch_or_ray(tmp_path
         ["filter", "--pairs", none, "--out", out],
         ["train", "--pairs", none, "--out", out],
         ["serve", "--lora", f"{none}.safetensors"],
+        ["evaluate", "--base", "tiny", "--out", out],  # no --lora: nothing to compare
     ]
     code = (
         "import sys\nfrom artaug.cli import main\n"
@@ -92,7 +94,7 @@ def test_stage_commands_check_their_input_before_importing_torch_or_ray(tmp_path
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
-    assert last == "[2, 2, 2, 2, 2] []", result.stdout + result.stderr[-3000:]
+    assert last == "[2, 2, 2, 2, 2, 2] []", result.stdout + result.stderr[-3000:]
 
 
 def test_lora_commands_run_in_a_fresh_process(tiny_dir, tmp_path):

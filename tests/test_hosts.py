@@ -12,7 +12,7 @@ import time
 import ray
 
 from artaug import storage
-from artaug.models.synthesis import model_of_round
+from artaug.models.lineage import model_of_round
 from artaug.prompts import read_prompts
 from artaug.stages.contract import read_stage
 from artaug.stages.generate import generate

@@ -121,7 +121,8 @@ def test_a_warm_model_moved_between_rounds_has_the_bits_of_a_fresh_load(tiny_dir
     """bf16: a host that moves through rounds 1-3 and the evaluation's base/enhanced swap holds, at
     every step, exactly the weights a fresh load of that model (what serve serves) holds."""
     from artaug.lora.algebra import combine_rounds
-    from artaug.models.synthesis import enhanced_model, load_synthesis, model_of_round
+    from artaug.models.lineage import enhanced_model, model_of_round
+    from artaug.models.synthesis import load_synthesis
 
     base = ModelConfig(source=tiny_dir, device="cpu", dtype="bfloat16")
     loras = [make_lora(tmp_path / f"round{k}", seed=k) for k in (1, 2, 3)]

@@ -33,7 +33,8 @@ def add_commands(commands) -> None:
 
 
 def cmd_fuse(args) -> int:
-    from artaug.models.synthesis import model_of_round, save_fused
+    from artaug.models.lineage import model_of_round
+    from artaug.models.synthesis import save_fused
 
     cfg = load(args)
     model = model_of_round(cfg.model, args.lora)

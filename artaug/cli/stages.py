@@ -223,14 +223,17 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from artaug import storage
     from artaug.loop.prompt_sets import eval_prompts
-    from artaug.models.synthesis import model_of_round
+    from artaug.models.lineage import model_of_round
     from artaug.prompts import read_prompts
-    from artaug.stages.evaluate import evaluate
+    from artaug.stages import inputs
 
     cfg = load(args)
+    enhanced = model_of_round(cfg.model, args.lora)
+    inputs.compared(cfg.model, enhanced)  # refused before torch and Ray import
+    from artaug.stages.evaluate import evaluate
+
     # Without --prompts: the held-out prompts a run of this config evaluates on (loop.prompt_set).
     prompts = read_prompts(args.prompts, settings=cfg.generate) if args.prompts else eval_prompts(cfg)
-    enhanced = model_of_round(cfg.model, args.lora)
     evaluate(cfg, prompts, args.out, base=cfg.model, enhanced=enhanced, overwrite=args.overwrite)
     print(storage.read_bytes(storage.join(args.out, "report.txt")).decode(), end="")
     print(

@@ -2,7 +2,7 @@
 
 Round k: generate -> critique -> enhance -> filter -> train (differential) -> register, where the
 model of round k is the configured model with the LoRAs of rounds 1..k-1 fused in
-(`models.synthesis.model_of_round`); with `loop.overlap_stages`, the critique starts on generate's
+(`models.lineage.model_of_round`); with `loop.overlap_stages`, the critique starts on generate's
 first parts and the latent cache on the filter's (`artaug.loop.overlap`).
 After the last round (or a round whose filter finds too little gain: the loop stops before training
 it), the rounds' LoRAs are combined into one adapter, the configured model and the enhanced model
@@ -37,7 +37,7 @@ from artaug.loop.prompt_sets import eval_prompts, train_prompts
 from artaug.loop.report import write_report
 from artaug.lora.algebra import combine_rounds
 from artaug.lora.files import check_finite
-from artaug.models.synthesis import enhanced_model, model_of_round
+from artaug.models.lineage import enhanced_model, model_of_round
 from artaug.prompts import PromptSet
 from artaug.stages.contract import reusable_summary, run_stage
 from artaug.stages.critique import critique

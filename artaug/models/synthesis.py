@@ -3,8 +3,8 @@
 `source` is a hub id, a local folder written by save_pretrained, "tiny" or "world" (built in code). A
 local folder is read with local_files_only, so it never touches the network; a missing one fails
 before Ray starts (`check_source`), naming the path. The LoRAs of `ModelConfig.loras` are fused in
-order on load (`lora.fuse.FusedWeights`, from the pristine weights): `model_of_round` and
-`enhanced_model` are the one definition of which LoRAs a model carries.
+order on load (`lora.fuse.FusedWeights`, from the pristine weights); which LoRAs a model carries is
+`artaug.models.lineage`'s.
 """
 
 from __future__ import annotations
@@ -31,17 +31,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelSourceError(ArtaugError, FileNotFoundError):
     """A model folder or LoRA file does not exist or is not a diffusers pipeline."""
-
-
-def model_of_round(model: ModelConfig, earlier_rounds: list[str]) -> ModelConfig:
-    """The model round k samples from: the configured model (with the LoRAs it starts from) plus the
-    LoRAs of rounds 1..k-1, fused in order."""
-    return dataclasses.replace(model, loras=[*model.loras, *earlier_rounds])
-
-
-def enhanced_model(model: ModelConfig, combined: str) -> ModelConfig:
-    """What a run produces and `artaug serve` serves: the configured model plus the rounds' combined LoRA."""
-    return model_of_round(model, [combined])
 
 
 def check_source(cfg: ModelConfig) -> None:

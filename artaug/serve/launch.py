@@ -21,7 +21,8 @@ from artaug.cluster import init_ray
 from artaug.config import ModelConfig, RunConfig, load_config
 from artaug.hub import apply, looks_local
 from artaug.lora.files import check_finite
-from artaug.models.synthesis import check_source, enhanced_model
+from artaug.models.lineage import enhanced_model
+from artaug.models.synthesis import check_source
 from artaug.serve.app import build_app
 from artaug.serve.sources import check_safetensors, check_sources
 

@@ -1,7 +1,8 @@
-"""Where a stage's input rows are, checked without model code: the stage commands refuse a wrong
-path with these before they import the stage (torch, diffusers: seconds), and the stages ask them too.
+"""Where a stage's input rows are, and that an evaluation has two models, checked without model code:
+the stage commands refuse a wrong input with these before they import the stage (torch, diffusers:
+seconds), and the stages ask them too.
 
-Each returns the folder that holds the rows (the path itself or its `<stage>` sub-folder,
+Each input check returns the folder that holds the rows (the path itself or its `<stage>` sub-folder,
 `contract.resolve_input`) or raises StageInputError naming the path.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 
 from artaug import storage
+from artaug.config import ModelConfig
 from artaug.rows import CRITIQUE, GENERATE, PAIR
 from artaug.stages.contract import StageInputError, resolve_input
 
@@ -50,3 +52,9 @@ def critiques(path: str) -> str:
 def pairs(path: str) -> str:
     """The enhance stage's pair rows (a folder without the marker is read, with a warning)."""
     return resolve_input(path, "enhance", tuple(PAIR.names), require_complete=False)
+
+
+def compared(base: ModelConfig, enhanced: ModelConfig) -> None:
+    """The evaluation compares two models: the base model twice is nothing to compare."""
+    if base == enhanced:
+        raise StageInputError("nothing to compare: the enhanced model is the base model (give a --lora)")

@@ -31,6 +31,7 @@ from artaug.critic.judge import judge_model, judge_pairs
 from artaug.models.synthesis import check_source
 from artaug.prompts import PromptSet
 from artaug.scorers.base import check_scorer_name, scorers_for_columns
+from artaug.stages import inputs
 from artaug.stages.contract import StageInputError, read_stage, reusable_summary, run_stage, stage
 from artaug.stages.evaluate.metrics import IMAGES, compute_metrics, overlap_warnings
 from artaug.stages.evaluate.presentation import format_table, write_charts
@@ -51,8 +52,7 @@ JUDGEMENTS = pa.schema(
 
 def _checks(cfg: RunConfig, prompts: PromptSet, stage_dir: str, base: ModelConfig, enhanced: ModelConfig,
             **_) -> None:  # fmt: skip
-    if base == enhanced:
-        raise StageInputError("nothing to compare: the enhanced model is the base model (give a --lora)")
+    inputs.compared(base, enhanced)
     for name in cfg.evaluate.scorers:
         try:
             check_scorer_name(name)
