@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray, one tiny model folder, one prompt set per test session."""
+"""Shared fixtures: one local Ray, one tiny model folder, one prompt set, one vLLM server per test session,
+and the heavy work that runs beside the tests (tests/background.py)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,130 @@ def world_config(**overrides):
     from artaug.config import load_config
 
     return load_config("world", overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+# ------------------------------------------------------------------ heavy work beside the other tests
+
+# Pieces that start their own processes and Ray (tests/background.py), in the order they run: each is
+# started before the first test if a collected test needs it, and those tests run last.
+STARTED_EARLY = (
+    "submitted_job_started",  # tests/job_runs.py: needs no vLLM server, so it runs while ours starts
+    "finished_run_started",  # tests/loop_runs.py: the shared CI-sized run
+    "resume_drill_started",  # tests/loop_runs.py: a copy of its round 1, resumed, killed, resumed
+    "simulated_cluster_started",  # tests/own_ray.py
+    "stopped_server_started",  # tests/own_ray.py
+)
+
+
+def _first_piece(item) -> int:
+    """The position in STARTED_EARLY of the first piece `item` waits for; -1 if none."""
+    return min((STARTED_EARLY.index(n) for n in item.fixturenames if n in STARTED_EARLY), default=-1)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that wait for a background piece run after all others, in the pieces' order. Their own
+    time limit covers the wait: the pieces have theirs (a run's, a job's timeout)."""
+    items.sort(key=_first_piece)
+    for item in items:
+        if _first_piece(item) >= 0:
+            item.add_marker(pytest.mark.timeout(3600), append=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.background import HEAVY
+
+    if HEAVY.timings:
+        terminalreporter.section("heavy work run beside the tests (tests/background.py)")
+        for name, seconds, outcome in HEAVY.timings:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {name}  ({outcome})")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_heavy_work(request):
+    """Start, before the first test, every background piece that a collected test waits for. A piece
+    that cannot start fails the tests that wait for it (pytest raises its error again there), no other."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    for name in STARTED_EARLY:
+        if name in needed:
+            try:
+                request.getfixturevalue(name)
+            except Exception:  # noqa: BLE001 - raised again in the tests that ask for it
+                pass
+
+
+@pytest.fixture(scope="session")
+def heavy():
+    from tests.background import HEAVY
+
+    yield HEAVY
+    HEAVY.close()
+
+
+@pytest.fixture(scope="session")
+def submitted_job_started(heavy, s3_bucket):
+    from tests.job_runs import submit_world_job
+
+    return heavy.submit("the world loop as a submitted job", submit_world_job, s3_bucket)
+
+
+@pytest.fixture(scope="session")
+def submitted_job(submitted_job_started):
+    return submitted_job_started.result()
+
+
+@pytest.fixture(scope="session")
+def finished_run_started(heavy, vlm_server, tmp_path_factory):
+    from tests.loop_runs import ci_sized_run
+
+    run_dir = str(tmp_path_factory.mktemp("loop") / "run")
+    return heavy.submit("the shared CI-sized run", ci_sized_run, run_dir, vlm_server.judge_settings())
+
+
+@pytest.fixture(scope="session")
+def finished_run(finished_run_started) -> tuple[str, str]:
+    """One uninterrupted CI-sized `artaug run`: (run directory, its console output)."""
+    return finished_run_started.result()
+
+
+@pytest.fixture(scope="session")
+def resume_drill_started(heavy, finished_run_started, tmp_path_factory):
+    from tests.loop_runs import kill_and_resume
+
+    folder = tmp_path_factory.mktemp("resume")
+
+    def drill():  # after the shared run: one piece at a time
+        reference, _ = finished_run_started.result()
+        return kill_and_resume(reference, str(folder / "run"), str(folder / "killed-attempt.log"))
+
+    return heavy.submit("the shared run's round 1 resumed, killed, resumed", drill)
+
+
+@pytest.fixture(scope="session")
+def resume_drill(resume_drill_started):
+    return resume_drill_started.result()
+
+
+@pytest.fixture(scope="session")
+def simulated_cluster_started(heavy, tmp_path_factory):
+    from tests.own_ray import run_cluster_scenario
+
+    workdir = str(tmp_path_factory.mktemp("nodes"))
+    return heavy.submit("the simulated several-node cluster", run_cluster_scenario, workdir)
+
+
+@pytest.fixture(scope="session")
+def simulated_cluster(simulated_cluster_started):
+    return simulated_cluster_started.result()
+
+
+@pytest.fixture(scope="session")
+def stopped_server_started(heavy, tmp_path_factory):
+    from tests.own_ray import serve_then_sigterm
+
+    log = str(tmp_path_factory.mktemp("serve-sigterm") / "serve.log")
+    return heavy.submit("artaug serve on its own Ray, stopped by SIGTERM", serve_then_sigterm, log)
+
+
+@pytest.fixture(scope="session")
+def stopped_server(stopped_server_started):
+    return stopped_server_started.result()

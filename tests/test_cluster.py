@@ -2,7 +2,8 @@
 
 The launcher YAMLs are validated against the JSON schema inside the installed ray package; the
 several-node behaviour runs on ray.cluster_utils.Cluster in a subprocess (tests/multinode_scenario.py),
-because this test session is already connected to its own local Ray.
+because this test session is already connected to its own local Ray; it runs beside the other tests
+(tests/own_ray.py).
 """
 
 from __future__ import annotations
@@ -266,18 +267,12 @@ def test_hub_settings_reach_the_driver_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.heavy
-def test_stages_on_a_simulated_multi_node_cluster(tmp_path):
+def test_stages_on_a_simulated_multi_node_cluster(simulated_cluster):
     """Placement by node labels, logical GPUs vs the torch device, critic packing, and node loss."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO)
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "multinode_scenario.py"), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    print(f"multi-node scenario: {time.perf_counter() - start:.1f} s")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("SCENARIO ")]
-    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-4000:]
+    returncode, output, seconds = simulated_cluster
+    print(f"multi-node scenario: {seconds:.1f} s")
+    lines = [line for line in output.splitlines() if line.startswith("SCENARIO ")]
+    assert returncode == 0 and lines, output[-4000:]
     report = json.loads(lines[-1].removeprefix("SCENARIO "))
 
     # A node-local output is refused on 4 nodes, before anything is written.

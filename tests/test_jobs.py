@@ -1,153 +1,25 @@
-"""`ray job submit` against a real local Ray head, as a user submits to a cluster.
-
-The head is this test's own: its own temp dir, ports and auth token, started with `ray start --head
---block` in a new process group and stopped by signalling that group (never `ray stop`, which stops
-every Ray on the machine). The job writes to the moto S3 server on loopback; a made-up HF_TOKEN in
-the head's environment (as on a real node) must reach the job without ever being written anywhere.
+"""`ray job submit` against a real local Ray head, as a user submits to a cluster (tests/job_runs.py,
+run beside the other tests by tests/background.py): the world loop as a job that reads and writes S3.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from artaug import storage
-from tests.conftest import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-class LocalHead:
-    """A Ray head in its own process group, temp dir and ports; stop() ends exactly its processes."""
-
-    def __init__(self, env: dict):
-        # Short: Ray's Unix socket paths live under it and are limited to ~107 characters.
-        self.temp_dir = tempfile.mkdtemp(prefix="artaug-job-", dir="/tmp")
-        low = free_port()  # workers take ports from [low, low + 200): no other component may
-        taken = set(range(low, low + 201))
-
-        def port() -> int:
-            while (chosen := free_port()) in taken:
-                pass
-            taken.add(chosen)
-            return chosen
-
-        self.dashboard_port = port()
-        ports = {
-            "--port": port(),
-            "--dashboard-port": self.dashboard_port,
-            "--ray-client-server-port": port(),
-            "--node-manager-port": port(),
-            "--object-manager-port": port(),
-            "--metrics-export-port": port(),
-            "--dashboard-agent-listen-port": port(),
-            "--dashboard-agent-grpc-port": port(),
-            "--runtime-env-agent-port": port(),
-        }
-        command = [RAY, "start", "--head", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
-                   "--num-cpus=4", "--num-gpus=0", "--object-store-memory=500000000",
-                   "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                   f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
-                   *(f"{flag}={port}" for flag, port in ports.items())]  # fmt: skip
-        self.log = open(os.path.join(self.temp_dir, "head.out"), "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-
-    def wait_ready(self, token: str, timeout_s: float = 180) -> None:
-        """Until the job server lists jobs for the token's holder. Asked over HTTP, as `ray job list`
-        asks it: a `ray job list` process every poll took CPU from the head's own start on 2 cores."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                auth = {"Authorization": f"Bearer {token}"}
-                answer = requests.get(f"{self.address}/api/jobs/", headers=auth, timeout=10)
-                listed = answer.status_code == 200
-            except requests.RequestException:
-                listed = False
-            if listed and "Ray runtime started" in Path(self.log.name).read_text():
-                return
-            time.sleep(1)
-        raise TimeoutError("the Ray head's job server did not come up")
-
-    def stop(self) -> None:
-        """SIGTERM to the head's process group, SIGKILL to what is left of it after 20 s."""
-        group = self.process.pid  # start_new_session: the group id is the leader's pid
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 0)):
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:  # the whole group is gone already
-                break
-            try:
-                self.process.wait(timeout=wait_s or None)
-            except subprocess.TimeoutExpired:
-                pass
-        self.process.wait(timeout=10)
-        self.log.close()
-
-
-def start_head(node_env: dict, attempts: int = 3) -> LocalHead:
-    """A ready head; a start that times out (Ray's own 30 s limits, on a loaded machine) is retried."""
-    for attempt in range(attempts):
-        head = LocalHead(node_env)
-        try:
-            head.wait_ready(node_env["RAY_AUTH_TOKEN"])
-            return head
-        except (RuntimeError, TimeoutError):
-            head.stop()
-            shutil.rmtree(head.temp_dir, ignore_errors=True)
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
 
 
 @pytest.mark.heavy
-def test_world_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucket):
-    hf_token = "hf_" + secrets.token_hex(16)
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    # The node's environment: the venv's python first (as the image's), the token, S3 settings.
-    node_env = base | auth | {"PATH": f"{Path(sys.executable).parent}:{base['PATH']}", "HF_TOKEN": hf_token}
-    # On a loaded 2-core machine the dashboard agent can take a minute to start: the raylet waits.
-    node_env |= {"RAY_agent_register_timeout_ms": "300000", "RAY_raylet_start_wait_time_s": "300"}
-    client_env = base | auth
-    storage.write_text(f"{s3_bucket}/job/prompts.txt", "a red circle on yellow\na black square on blue\n")
-    out = f"{s3_bucket}/job/run-1"
-    head = start_head(node_env)
-    try:
-        assert requests.get(f"{head.address}/api/jobs/", timeout=10).status_code == 401  # no token, no jobs
-        start = time.perf_counter()
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", head.address, "--working-dir", str(REPO),
-             "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
-             "python", "-m", "artaug.cli", "run", "--config", "jobs/world.yaml",
-             "--set", f"prompts={s3_bucket}/job/prompts.txt", "--out", out],
-            env=client_env, capture_output=True, text=True, timeout=900, cwd=REPO,
-        )  # fmt: skip
-        seconds = time.perf_counter() - start
-        jobs = subprocess.run([RAY, "job", "list", "--address", head.address], env=client_env,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
-    finally:
-        head.stop()
-    output = submit.stdout + submit.stderr
-    assert submit.returncode == 0, output[-4000:]
-    assert "succeeded" in output, output[-4000:]
-    print(f"job finished in {seconds:.1f} s")
+def test_world_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(submitted_job):
+    job, out = submitted_job, submitted_job.out
+    assert job.status_without_token == 401  # no token, no jobs
+    assert job.returncode == 0, job.output[-4000:]
+    assert "succeeded" in job.output, job.output[-4000:]
+    print(f"job finished in {job.seconds:.1f} s")
 
     # The whole run directory on S3: stages, the combined LoRA, the evaluation, the report.
     assert storage.exists(f"{out}/run.yaml")
@@ -169,8 +41,8 @@ def test_world_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucke
 
     # The token reached the job's environment (the head's env is the node's) but nothing kept it:
     # not the job's logs, its runtime_env listing, the run directory, or any of Ray's own logs.
-    assert hf_token not in output
-    assert hf_token not in jobs.stdout and "HF_TOKEN" not in jobs.stdout
+    assert job.hf_token not in job.output
+    assert job.hf_token not in job.listing and "HF_TOKEN" not in job.listing
     fs, prefix = storage.resolve(out)
     import pyarrow.fs as pafs
 
@@ -179,8 +51,8 @@ def test_world_loop_as_a_submitted_job_writes_to_s3_and_never_the_token(s3_bucke
     assert written
     for path in written:
         with fs.open_input_stream(path) as f:
-            assert hf_token.encode() not in f.read(), path
-    for log in Path(head.temp_dir).rglob("*"):
+            assert job.hf_token.encode() not in f.read(), path
+    for log in Path(job.head_logs).rglob("*"):
         if log.is_file() and not log.is_symlink():
-            assert hf_token.encode() not in log.read_bytes(), log
-    shutil.rmtree(head.temp_dir, ignore_errors=True)
+            assert job.hf_token.encode() not in log.read_bytes(), log
+    shutil.rmtree(job.head_logs, ignore_errors=True)

@@ -1,19 +1,14 @@
 """`artaug run` end to end: the whole loop, SIGKILL and --resume, refusals, report in Chromium, metrics.
 
-Each run is a real `artaug run` process of the default preset, the miniature world (its own local Ray,
-the world critic, regional enhancement, the filter with its gates on, Ray Train + DeepSpeed, the
-evaluation with its verdict and the tiny VLM judge on the session's vLLM server) on a CI-sized config.
+The runs asserted on here (tests/loop_runs.py) start with the session and run beside the other tests
+(tests/background.py); pytest runs these tests last, when the runs are usually done.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -24,50 +19,7 @@ from artaug import storage
 from artaug.config import load_config
 from artaug.layout import ROUND_STAGES, RunLayout
 from tests.conftest import free_port
-
-# Two rounds over the same 24 prompts and seeds (so round 2's first images show what round 1's LoRA
-# changed), the evaluation on 16 held-out images with the tiny VLM judge (noise, but its requests and
-# parsing run end to end) on the session's vLLM server (the run's own judge engine is tested by
-# tests/test_jobs.py). The filter's gates stay on; the loop's stopping rules are off here so that
-# both rounds train (two rounds, resume and combine are what this run checks; the stopping rules have
-# their own test below). One request at a time keeps vLLM's batching, hence every answer, the same
-# from run to run. The stages overlap as on a cluster (flux-dev's setting), so this run shows they can.
-CI_SIZED = [
-    "loop.rounds=2", "loop.max_prompts=24", "loop.new_prompts_each_round=false",
-    "loop.eval_max_prompts=16", "loop.report_pairs=2",
-    "loop.min_acceptance_rate=0", "loop.min_aesthetic_gain=-1",
-    "generate.num_actors=1", "critique.concurrency=1", "train.checkpoint_every=20",
-    "train.num_workers=1", "train.grad_accumulation=2",
-    "evaluate.judge=true", "evaluate.bootstrap_samples=200", "loop.overlap_stages=true",
-]  # fmt: skip
-
-
-def artaug(*args: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen}
-    return subprocess.Popen([sys.executable, "-m", "artaug.cli", *args], env=env, **popen)
-
-
-def run_args(out: str, settings: list[str]) -> list[str]:
-    return ["run", "--out", out, *(arg for item in settings for arg in ("--set", item))]
-
-
-def finish(process: subprocess.Popen, timeout: float = 900) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-6000:]
-    return output
-
-
-def manifest(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "manifest.json")) as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory, vlm_server) -> tuple[str, str]:
-    """One uninterrupted CI-sized run: (run directory, its console output)."""
-    run_dir = str(tmp_path_factory.mktemp("loop") / "run")
-    return run_dir, finish(artaug(*run_args(run_dir, CI_SIZED + vlm_server.judge_settings())))
+from tests.loop_runs import artaug, manifest, run_args
 
 
 @pytest.mark.heavy
@@ -273,45 +225,19 @@ def _devtools_page(port: int) -> dict:
 
 
 @pytest.mark.heavy
-@pytest.mark.timeout(1500)  # run alone it also sets up the shared run (~8 min), then ~5 min of its own
-def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, resume_drill):
     """A run stopped after round 1 (the shared run's round 1, copied), resumed, SIGKILLed inside
-    round 2's enhance and resumed again ends where the uninterrupted run ended."""
+    round 2's enhance and resumed again ends where the uninterrupted run ended (tests/loop_runs.py)."""
     reference, _ = finished_run
-    run_dir = str(tmp_path / "run")
-    _stopped_after_round_1(reference, run_dir)
-    reference_files = _stamps(reference)  # the resumed run reads and writes only its own directory
-    done_before = {f"round-1/{s}": _success_mtime(run_dir, "round-1", s) for s in ROUND_STAGES}
-
-    log_path = tmp_path / "killed-attempt.log"
-    with open(log_path, "w") as log:
-        process = artaug("run", "--resume", run_dir, start_new_session=True, stdout=log)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # kill the whole run (driver, Ray, hosts) inside round 2's enhance
-        try:
-            if manifest(run_dir)["rounds"]["2"]["enhance"]["status"] == "running":
-                break
-        except (FileNotFoundError, KeyError, json.JSONDecodeError):
-            pass
-        assert process.poll() is None, log_path.read_text()[-4000:]
-        time.sleep(0.1)
-    # Inside enhance: on warm hosts round 2's whole enhance takes ~2 s here, its first batch ~0.7 s.
-    time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()  # the run starts no vLLM engine (its judge asks the session's server): no orphan
-    killed = log_path.read_text()
+    drill = resume_drill
+    run_dir, killed = drill.run_dir, drill.killed_log
     for stage in ROUND_STAGES:  # the killed attempt reused round 1 and did round 2's first stages
         assert f"[round 1/2] {stage}: complete in an earlier attempt" in killed, killed[-4000:]
     for stage in ("generate", "critique"):
-        assert manifest(run_dir)["rounds"]["2"][stage]["status"] == "complete"
-        done_before[f"round-2/{stage}"] = _success_mtime(run_dir, "round-2", stage)
-    enhance_dir = os.path.join(run_dir, "round-2", "enhance")
-    assert not os.path.exists(os.path.join(enhance_dir, "_SUCCESS"))
-    os.makedirs(enhance_dir, exist_ok=True)  # what a killed writer leaves: a part file, no marker
-    with open(os.path.join(enhance_dir, "part-killed.parquet"), "wb") as f:
-        f.write(b"PAR1 half written")
+        assert drill.killed_manifest["rounds"]["2"][stage]["status"] == "complete", stage
+    assert drill.killed_manifest["rounds"]["2"]["enhance"]["status"] == "running"
+    assert not drill.enhance_marker_left
 
-    output = finish(artaug("run", "--resume", run_dir))
     data = manifest(run_dir)
     assert data["status"] == "finished" and [a["resumed"] for a in data["attempts"]] == [False, True, True]
     r1, r2 = data["rounds"]["1"], data["rounds"]["2"]
@@ -319,11 +245,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path)
     assert r2["generate"]["attempt"] == 1 and r2["critique"]["attempt"] == 1
     assert all(r2[s]["attempt"] == 2 for s in ("enhance", "filter", "train", "register")), r2
     assert all(data["final"][s]["attempt"] == 2 for s in ("combine", "evaluate", "report")), data["final"]
-    for stage, mtime in done_before.items():  # completed stages were not redone
-        assert _success_mtime(run_dir, *stage.split("/")) == mtime, stage
-    assert not os.path.exists(os.path.join(enhance_dir, "part-killed.parquet"))
+    assert drill.done_after == drill.done_before  # completed stages were not redone
+    assert len(drill.done_before) == len(ROUND_STAGES) + 2
+    assert not drill.killed_part_left
     for line in ("[round 1/2] register", "[round 2/2] generate", "[round 2/2] critique"):
-        assert f"{line}: complete in an earlier attempt" in output
+        assert f"{line}: complete in an earlier attempt" in drill.output
     assert r2["register"]["metrics"]["loras"] == [RunLayout(run_dir).round(k).train.lora for k in (1, 2)]
     # The same seeds give the same final outputs as the uninterrupted run, up to float rounding: rows
     # batched differently round differently (README, "Determinism"; seen in CI: 2 pixels of one image
@@ -338,51 +264,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(finished_run, tmp_path)
     (our_numbers, our_rest), (their_numbers, their_rest) = (_flat(_metrics(path)) for path in paths)
     assert our_rest == their_rest  # counts, names, verdicts
     assert our_numbers == pytest.approx(their_numbers, rel=1e-3, abs=1e-5)
-    assert _stamps(reference) == reference_files
-
-
-def _stopped_after_round_1(reference: str, run_dir: str) -> None:
-    """`run_dir`: the finished run `reference` as it was when round 1 had finished and the run was
-    interrupted: its run.yaml and round-1/ (every stage, training's outputs and checkpoints included),
-    and its manifest without round 2 and the final stages. The reference's own path, which stage
-    markers and the manifest hold, becomes `run_dir` (the markers list their files' sizes, so they are
-    written again, innermost first); nothing in the copy leads back to the reference."""
-    from artaug import storage
-    from artaug.loop.manifest import Manifest
-
-    os.makedirs(run_dir)
-    shutil.copy2(os.path.join(reference, "run.yaml"), run_dir)
-    shutil.copytree(os.path.join(reference, "round-1"), os.path.join(run_dir, "round-1"))
-    markers = glob.glob(os.path.join(run_dir, "round-1", "**", storage.SUCCESS), recursive=True)
-    for marker in sorted(markers, key=lambda path: -path.count(os.sep)):  # train/latents before train
-        with open(marker) as f:
-            summary = json.loads(f.read().replace(reference, run_dir))
-        summary.pop(storage.FILES)
-        storage.mark_complete(os.path.dirname(marker), summary)
-    with open(os.path.join(reference, "manifest.json")) as f:
-        data = json.loads(f.read().replace(reference, run_dir))
-    assert data["status"] == "finished" and len(data["attempts"]) == 1
-    data.pop("finished")
-    data.update(status="interrupted", rounds={"1": data["rounds"]["1"]}, final={})
-    Manifest(run_dir, data).save()
-    assert Manifest.load(run_dir).live_attempt() is None
-    for folder, _, files in os.walk(run_dir):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                assert reference.encode() not in f.read(), os.path.join(folder, name)
-
-
-def _success_mtime(run_dir: str, *stage: str) -> float:
-    return os.path.getmtime(os.path.join(run_dir, *stage, "_SUCCESS"))
-
-
-def _stamps(folder: str) -> dict[str, tuple[int, int]]:
-    """{relative path: (size, mtime in ns)} of every file under `folder`."""
-    return {
-        os.path.relpath(os.path.join(d, f), folder): (os.stat(os.path.join(d, f)).st_size,
-                                                      os.stat(os.path.join(d, f)).st_mtime_ns)
-        for d, _, files in os.walk(folder) for f in files
-    }  # fmt: skip
+    assert drill.reference_unchanged  # the resumed run read and wrote only its own directory
 
 
 def _metrics(path: str) -> dict:

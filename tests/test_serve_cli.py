@@ -2,7 +2,8 @@
 
 Runs after tests/test_serve.py has shut its Serve instance down. The end-to-end tests start
 `artaug serve` as its own process: one joined to the session's Ray and stopped with SIGINT, one on
-its own private Ray and stopped with SIGTERM (as kill, systemd, Kubernetes and `ray job stop` do).
+its own private Ray and stopped with SIGTERM (as kill, systemd, Kubernetes and `ray job stop` do),
+which runs beside the other tests (tests/own_ray.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import requests
 import yaml
@@ -35,6 +34,7 @@ from artaug.serve.app import app_builder
 from artaug.serve.launch import resolve_config
 from artaug.serve.sources import ServeSetupError
 from tests.conftest import free_port, tiny_config
+from tests.own_ray import still_running
 from tests.test_models import make_lora
 
 ROOT = Path(__file__).parents[1]
@@ -180,72 +180,20 @@ def test_artaug_serve_answers_with_the_runs_fused_model_and_stops_cleanly(ray_lo
     np.testing.assert_array_equal(served[..., :3], np.asarray(expected.convert("RGB")))
 
 
-def family_of(pid: int) -> list[psutil.Process]:
-    """The processes `pid` started: its descendants and everything else in its process group (Ray's
-    GCS, raylet and workers join the group of the driver that starts a local Ray)."""
-    family = {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
-    for process in psutil.process_iter():
-        try:
-            if process.pid != pid and os.getpgid(process.pid) == pid:
-                family.setdefault(process.pid, process)
-        except (OSError, psutil.Error):
-            continue
-    return list(family.values())
-
-
-def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """Those still running (not the same pid reused, not a zombie waiting to be reaped)."""
-    running = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                running.append(process)
-        except psutil.NoSuchProcess:
-            continue
-    return running
-
-
 @pytest.mark.heavy
-def test_sigterm_stops_artaug_serve_and_its_ray_cleanly(tmp_path):
+def test_sigterm_stops_artaug_serve_and_its_ray_cleanly(stopped_server):
     """`artaug serve` (the default world model, on its own local Ray) stopped with SIGTERM, as kill, systemd,
-    Kubernetes and `ray job stop` stop it: the same clean stop as Ctrl-C, and no Ray process left."""
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:  # a file, not a pipe: Ray's log lines never block the server
-        server = subprocess.Popen(
-            [sys.executable, "-m", "artaug.cli", "serve", "--port", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, which the Ray it starts joins
-        )
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            assert time.monotonic() < deadline, "not healthy within 300 s:\n" + log_path.read_text()[-4000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the app still deploying
-                pass
-            time.sleep(0.5)
-        ray_side = family_of(server.pid)
-        names = {p.name() for p in ray_side}
-        assert {"raylet", "gcs_server"} <= names, names
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-    output = log_path.read_text()
+    Kubernetes and `ray job stop` stop it: the same clean stop as Ctrl-C, and no Ray process left
+    (tests/own_ray.py runs the server)."""
+    server, output = stopped_server, stopped_server.output
+    assert {"raylet", "gcs_server"} <= server.ray_side_names, server.ray_side_names
     assert server.returncode == 0, output[-4000:]
     assert "stopped" in output.splitlines(), output[-4000:]
     assert "SIGTERM received" not in output
     deadline = time.monotonic() + 5
-    while still_running(ray_side) and time.monotonic() < deadline:
+    while still_running(server.ray_side) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = still_running(ray_side)
+    left = still_running(server.ray_side)
     described = [f"{p.pid} {p.name()}" for p in left]
     for process in left:  # leave nothing behind, then fail
         process.kill()
