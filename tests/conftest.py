@@ -190,6 +190,7 @@ def start_heavy_work(request):
 
 @pytest.fixture(scope="session")
 def heavy():
+    """The background thread's pieces (tests/background.py); what is still running at the end is killed."""
     from tests.background import HEAVY
 
     yield HEAVY
@@ -205,6 +206,7 @@ def submitted_job_started(heavy, s3_bucket):
 
 @pytest.fixture(scope="session")
 def submitted_job(submitted_job_started):
+    """jobs/world.yaml submitted with `ray job submit` to a Ray head of its own (tests/job_runs.py)."""
     return submitted_job_started.result()
 
 
@@ -237,6 +239,7 @@ def resume_drill_started(heavy, finished_run_started, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def resume_drill(resume_drill_started):
+    """The shared run's round 1 copied, resumed, SIGKILLed in round 2, resumed (tests/loop_runs.py)."""
     return resume_drill_started.result()
 
 
@@ -250,6 +253,7 @@ def simulated_cluster_started(heavy, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def simulated_cluster(simulated_cluster_started):
+    """tests/multinode_scenario.py's (exit status, output, seconds) (tests/own_ray.py)."""
     return simulated_cluster_started.result()
 
 
@@ -263,4 +267,5 @@ def stopped_server_started(heavy, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stopped_server(stopped_server_started):
+    """`artaug serve` on its own Ray, healthy, then SIGTERM (tests/own_ray.py)."""
     return stopped_server_started.result()
