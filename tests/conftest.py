@@ -94,16 +94,35 @@ def vlm_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def s3_bucket():
-    """An empty bucket on a local S3-compatible server; yields its s3:// URI."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+def s3_bucket(tmp_path_factory):
+    """An empty bucket on a local S3-compatible server; yields its s3:// URI.
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
-    server.start()
+    The server runs in its own process: in this one, its threads would take the test process's GIL
+    while Ray workers upload, and count in the heap measurements of tests running meanwhile."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the S3 test server did not start; see {log.name}") from None
+            time.sleep(0.2)
     boto3.client("s3").create_bucket(Bucket="artaug-test")
     yield "s3://artaug-test"
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope="session")
