@@ -24,6 +24,7 @@ from ray import serve
 from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
 from artaug.serve.app import build_app
+from artaug.serve.edge import MAX_BODY_BYTES
 from artaug.serve.launch import resolve_config
 from tests.conftest import free_port
 from tests.test_models import make_lora
@@ -260,6 +261,100 @@ def test_request_timeout_answers_504_and_stops_the_work(served):
         lambda: (s := stats(handle))["cancelled_calls"] > before["cancelled_calls"] and s, "the cancellation"
     )
     assert after["steps"] - before["steps"] < SLOW_STEPS
+
+
+# ---------------------------------------------------------------- the official `openai` client
+
+
+def openai_client(url: str, **kwargs):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="not-checked-here", timeout=120, **kwargs)
+
+
+def test_the_openai_client_gets_the_images_our_api_gives(served):
+    url, cfg, _ = served
+    body = {"prompt": "a red door", "n": 2, "size": "32x32", "steps": 2, "seed": 7}
+    result = openai_client(url, max_retries=0).images.generate(
+        model=cfg.serve.model_name, prompt=body["prompt"], n=2, size="32x32", response_format="b64_json",
+        extra_body={"steps": 2, "seed": 7},
+    )  # fmt: skip
+    ours = post(url, body).json()
+    assert [image.model_extra["seed"] for image in result.data] == [7, 8]
+    assert result.size == "32x32" and result.model_extra["steps"] == 2  # size is in the client's type
+    for theirs, mine in zip(result.data, ours["data"], strict=True):
+        assert decode(theirs.b64_json).shape == (32, 32, 3)
+        assert np.array_equal(decode(theirs.b64_json), decode(mine["b64_json"]))
+
+
+def test_each_refusal_arrives_as_the_openai_clients_own_error(served):
+    import openai
+
+    url, cfg, _ = served
+    images = openai_client(url, max_retries=0).images
+    slow = {"steps": SLOW_STEPS, "timeout": 1}
+    cases = [
+        (openai.BadRequestError, 400, {"prompt": "  "}, "prompt must not be empty"),
+        (openai.NotFoundError, 404, {"prompt": "a", "model": "not-this-one"}, "is not served here"),
+        (openai.APIStatusError, 413, {"prompt": "x" * (MAX_BODY_BYTES + 1)}, "the limit is 1048576"),
+        (
+            openai.InternalServerError,
+            504,
+            {"prompt": "a long walk", "extra_body": slow},
+            "not ready within 1 s",
+        ),
+    ]
+    errors = {}
+    for error_type, status, call, words in cases:
+        with pytest.raises(openai.APIStatusError) as caught:
+            images.generate(**call)
+        errors[status] = error = caught.value
+        assert type(error) is error_type and error.status_code == status and words in error.message, error
+        assert set(error.body) == {"message", "type", "param", "code"}  # our error object, parsed
+    assert (errors[400].type, errors[400].param) == ("invalid_request_error", "prompt")
+    assert (errors[404].type, errors[404].param) == ("model_not_found", "model")
+    assert errors[504].type == "timeout"
+
+
+def test_a_busy_server_is_the_clients_503_and_its_retry_after_is_honoured(served):
+    """Blockers fill the replica and its queue and time out after 3 s; meanwhile one client without
+    retries gets the 503, and one with the client's own retry logic (more attempts than its default 2,
+    to outlast the blockers) waits Retry-After, not its own back-off (at most 0.5 s before a first
+    retry), and gets its images once the blockers are gone."""
+    import openai
+
+    url, cfg, _ = served
+    s, attempts = cfg.serve, []
+    full = threading.Event()
+
+    def blocker(seed: int) -> int:
+        answer = post(url, {"prompt": "a blocked road", "steps": SLOW_STEPS, "timeout": 3, "seed": seed})
+        if answer.status_code == 503:
+            full.set()
+        return answer.status_code
+
+    hooks = {
+        "request": [lambda request: attempts.append(("sent", time.monotonic(), None))],
+        "response": [lambda response: attempts.append((response.status_code, time.monotonic(), response))],
+    }
+    patient = openai_client(url, max_retries=8, http_client=openai.DefaultHttpxClient(event_hooks=hooks))
+    count = 2 * (s.max_ongoing_requests + s.max_queued_requests)
+    with ThreadPoolExecutor(count) as pool:
+        blocked = pool.map(blocker, range(count))
+        assert full.wait(60), "the server never filled up"
+        with pytest.raises(openai.InternalServerError) as caught:
+            openai_client(url, max_retries=0).images.generate(prompt="a", extra_body={"steps": 2})
+        assert caught.value.status_code == 503 and "at capacity" in caught.value.message
+        assert caught.value.response.headers["retry-after"] == str(s.retry_after_s)
+        result = patient.images.generate(prompt="a quiet road", extra_body={"steps": 2, "seed": 1})
+        assert set(blocked) == {503, 504}
+    assert len(result.data) == 1
+    statuses = [status for status, _, _ in attempts if status != "sent"]
+    assert statuses[0] == 503 and statuses[-1] == 200 and set(statuses[:-1]) == {503}, statuses
+    sent = [when for status, when, _ in attempts if status == "sent"]
+    refused = [when for status, when, _ in attempts if status == 503]
+    for answered, retried in zip(refused, sent[1:], strict=True):
+        assert retried - answered >= s.retry_after_s - 0.05, (retried - answered, attempts)
 
 
 def test_shutdown_finishes_in_flight_requests_then_closes(served):

@@ -127,6 +127,17 @@ def test_the_right_key_is_served_and_health_needs_none(served):
     assert requests.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"  # probes carry no key
 
 
+def test_the_openai_client_sends_its_key_and_a_wrong_one_is_its_authentication_error(served):
+    import openai
+
+    url, _, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    assert len(client.images.generate(prompt="a", extra_body={"steps": 2}).data) == 1
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.with_options(api_key="wrong").images.generate(prompt="a", extra_body={"steps": 2})
+    assert caught.value.status_code == 401 and "key is required" in caught.value.message
+
+
 def test_hub_settings_reach_the_model_replica(served):
     _, handle, cache = served
     seen = handle.hub_settings.remote().result(timeout_s=30)
