@@ -28,7 +28,7 @@ if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
 fi
 
 stamp="$VENV/.artaug-install-stamp"
-want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)-$EXTRAS
+want=$(cat pyproject.toml scripts/install.sh tests/lora_consumers.txt | sha256sum | cut -d' ' -f1)-$EXTRAS
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "[install] $VENV is up to date ($EXTRAS)"
     exit 0
@@ -49,6 +49,12 @@ if [[ ",$EXTRAS," == *",cpu,"* ]] && ! "$VENV/bin/python" -c "import torchvision
     echo "[install] swapping in PyPI's torch $TORCH_VERSION build so torchvision loads"
     pip uninstall -q -y torch
     pip install -q --isolated "torch==$TORCH_VERSION"
+fi
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+    # Loaders of other people, for the LoRA export tests: a folder of their own, not the venv's
+    # site-packages, so their pins never touch ours (tests/lora_consumers.txt).
+    rm -rf "$VENV/consumers"
+    pip install -q --no-deps --target "$VENV/consumers" -r tests/lora_consumers.txt
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, ray, diffusers, peft, deepspeed  # noqa: F401
