@@ -230,17 +230,23 @@ def wait_for(condition, what: str, timeout: float = 60.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_client_that_disconnects_stops_its_work(served):
-    url, _, handle = served
-    before = stats(handle)
+def open_request(url: str, prompt: str, seed: int) -> socket.socket:
+    """A slow request sent on a raw connection that stays open (and waiting) until it is closed."""
     host, port = url.removeprefix("http://").split(":")
-    body = f'{{"prompt": "an endless staircase", "steps": {SLOW_STEPS}, "seed": 3}}'.encode()
+    body = f'{{"prompt": "{prompt}", "steps": {SLOW_STEPS}, "seed": {seed}}}'.encode()
     client = socket.create_connection((host, int(port)))
     client.sendall(
         b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
+    return client
+
+
+def test_client_that_disconnects_stops_its_work(served):
+    url, _, handle = served
+    before = stats(handle)
+    client = open_request(url, "an endless staircase", 3)
     wait_for(lambda: stats(handle)["steps"] > before["steps"], "the slow call to start")
     client.close()
     after = wait_for(
@@ -261,6 +267,16 @@ def test_request_timeout_answers_504_and_stops_the_work(served):
         lambda: (s := stats(handle))["cancelled_calls"] > before["cancelled_calls"] and s, "the cancellation"
     )
     assert after["steps"] - before["steps"] < SLOW_STEPS
+
+
+def test_enhancing_needs_a_server_started_with_a_critic(served):
+    url = served[0]
+    answer = post(url, {"prompt": "a red door", "enhance": True})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "enhance"
+    assert "started without serve.enhance" in answer.json()["error"]["message"]
+    image = base64.b64encode(b"\x89PNG").decode()
+    answer = requests.post(f"{url}/v1/images/enhance", json={"image": image, "prompt": "a"}, timeout=60)
+    assert answer.status_code == 400 and "started without serve.enhance" in answer.text
 
 
 # ---------------------------------------------------------------- the official `openai` client
@@ -317,44 +333,61 @@ def test_each_refusal_arrives_as_the_openai_clients_own_error(served):
 
 
 def test_a_busy_server_is_the_clients_503_and_its_retry_after_is_honoured(served):
-    """Blockers fill the replica and its queue and time out after 3 s; meanwhile one client without
-    retries gets the 503, and one with the client's own retry logic (more attempts than its default 2,
-    to outlast the blockers) waits Retry-After, not its own back-off (at most 0.5 s before a first
-    retry), and gets its images once the blockers are gone."""
+    """Slow requests on open connections fill the replica and its queue until they are closed. A client
+    without retries gets the 503; one with its own retry logic waits Retry-After, not its own back-off
+    (at most 0.5 s before a first retry), and gets its images once the connections are closed."""
     import openai
 
     url, cfg, _ = served
     s, attempts = cfg.serve, []
-    full = threading.Event()
+    count = s.max_ongoing_requests + s.max_queued_requests + 4
+    blockers = [open_request(url, "a blocked road", seed) for seed in range(count)]
+    refused = threading.Event()
 
-    def blocker(seed: int) -> int:
-        answer = post(url, {"prompt": "a blocked road", "steps": SLOW_STEPS, "timeout": 3, "seed": seed})
-        if answer.status_code == 503:
-            full.set()
-        return answer.status_code
+    def on_response(response):
+        attempts.append((response.status_code, time.monotonic()))
+        if response.status_code == 503:
+            refused.set()
 
-    hooks = {
-        "request": [lambda request: attempts.append(("sent", time.monotonic(), None))],
-        "response": [lambda response: attempts.append((response.status_code, time.monotonic(), response))],
-    }
-    patient = openai_client(url, max_retries=8, http_client=openai.DefaultHttpxClient(event_hooks=hooks))
-    count = 2 * (s.max_ongoing_requests + s.max_queued_requests)
-    with ThreadPoolExecutor(count) as pool:
-        blocked = pool.map(blocker, range(count))
-        assert full.wait(60), "the server never filled up"
+    hooks = {"request": [lambda _: attempts.append(("sent", time.monotonic()))], "response": [on_response]}
+    http = openai.DefaultHttpxClient(event_hooks=hooks)
+    patient = openai_client(url, max_retries=8, http_client=http)  # more than the default 2: see below
+    try:
+        impatient = openai_client(url, max_retries=0).images
+        wait_for(lambda: full(impatient), "the queue to be full")
         with pytest.raises(openai.InternalServerError) as caught:
-            openai_client(url, max_retries=0).images.generate(prompt="a", extra_body={"steps": 2})
+            impatient.generate(prompt="a", extra_body={"steps": 2, "timeout": 5})
         assert caught.value.status_code == 503 and "at capacity" in caught.value.message
         assert caught.value.response.headers["retry-after"] == str(s.retry_after_s)
-        result = patient.images.generate(prompt="a quiet road", extra_body={"steps": 2, "seed": 1})
-        assert set(blocked) == {503, 504}
-    assert len(result.data) == 1
-    statuses = [status for status, _, _ in attempts if status != "sent"]
+        with ThreadPoolExecutor(1) as pool:
+            result = pool.submit(patient.images.generate, prompt="a quiet road", extra_body={"steps": 2})
+            assert refused.wait(60), "the patient client was never refused"
+            time.sleep(1.5)  # a retry or two is refused too, then the queue empties
+            for blocker in blockers:
+                blocker.close()
+            assert len(result.result(timeout=120).data) == 1
+    finally:
+        for blocker in blockers:
+            blocker.close()
+    statuses = [status for status, _ in attempts if status != "sent"]
     assert statuses[0] == 503 and statuses[-1] == 200 and set(statuses[:-1]) == {503}, statuses
-    sent = [when for status, when, _ in attempts if status == "sent"]
-    refused = [when for status, when, _ in attempts if status == 503]
-    for answered, retried in zip(refused, sent[1:], strict=True):
+    sent = [when for status, when in attempts if status == "sent"]
+    refusals = [when for status, when in attempts if status == 503]
+    for answered, retried in zip(refusals, sent[1:], strict=True):
         assert retried - answered >= s.retry_after_s - 0.05, (retried - answered, attempts)
+
+
+def full(images) -> bool:
+    """Whether a request is refused at once (503) rather than queued (then 504 after its 1 s)."""
+    import openai
+
+    try:
+        images.generate(prompt="a probe", extra_body={"steps": 2, "timeout": 1})
+    except openai.InternalServerError as err:
+        return err.status_code == 503
+    except openai.APIStatusError:
+        return False
+    return False
 
 
 def test_shutdown_finishes_in_flight_requests_then_closes(served):
