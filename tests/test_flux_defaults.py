@@ -16,9 +16,10 @@ from artaug.config import load_config
 from artaug.loop.prompt_sets import eval_prompts, train_prompts
 from artaug.lora.files import save_lora
 from artaug.lora.fuse import fuse_into_transformer, lora_layers
+from artaug.models.interaction import global_prompt
 from artaug.models.sampling import region_mask
 from artaug.models.tiny import build_tiny_flux
-from artaug.stages.enhance import Enhancer, global_prompt
+from artaug.stages.enhance import Enhancer
 from tests.conftest import tiny_config
 
 

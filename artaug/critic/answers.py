@@ -1,12 +1,19 @@
 """The rows every critic backend reads and returns: requests (an image and its prompt, ready for the
-model) in, answers (what the model said, or why it said nothing) out; and the rule that a stage
-whose critic failed on too many rows fails instead of passing on a column of errors."""
+model) in, answers (what the model said, or why it said nothing) out; what an answer says once
+parsed; and the rule that a stage whose critic failed on too many rows fails instead of passing on a
+column of errors. The critique stage and the served critic (`artaug.serve.critic`) both use them."""
 
 from __future__ import annotations
 
-import pyarrow as pa
+import json
 
+import pyarrow as pa
+from PIL import Image
+
+from artaug.config import CritiqueConfig
+from artaug.critic.schema import CritiqueError, has_suggestions, parse_critique, qwen25_resized_size
 from artaug.errors import ArtaugError
+from artaug.images import data_url, fit
 
 IDS = ("prompt_id", "prompt", "seed", "round")
 _BOX_SCALE = ("box_max", "box_scale_w", "box_scale_h")
@@ -82,3 +89,37 @@ def check_failures(what: str, errors: list[str | None], max_fraction: float) -> 
         f"{what}: the critic failed on {len(failed)} of {len(errors)} rows (more than"
         f" critique.max_failed_fraction {max_fraction}); first error: {first}"
     )
+
+
+def request_for(ids: dict, image: Image.Image, cfg: CritiqueConfig) -> dict:
+    """The request row for a decoded image: downscaled to critique.image_max_side, as a data URL, with
+    the box scale its answer will use (`pixels` boxes refer to the processor's resized size)."""
+    image = fit(image, cfg.image_max_side)
+    request = {key: ids[key] for key in IDS}
+    request.update(image_url=data_url(image), box_max=1000, box_scale_w=1000, box_scale_h=1000, error=None)
+    if cfg.box_format == "pixels":
+        w, h = qwen25_resized_size(*image.size, cfg.vlm_min_pixels, cfg.vlm_max_pixels)
+        request.update(box_max=max(w, h), box_scale_w=w, box_scale_h=h)
+    return request
+
+
+def read_answer(answer: dict, box_format: str) -> dict:
+    """status (ok, invalid or failed), critique (the parsed JSON text), rating, suggestions and error
+    of an answer row."""
+    read = {
+        "status": "failed",
+        "critique": None,
+        "rating": None,
+        "suggestions": None,
+        "error": answer["error"],
+    }
+    if answer["error"] or answer["raw"] is None:
+        return {**read, "error": answer["error"] or "no answer"}
+    scale = (answer["box_scale_w"], answer["box_scale_h"])
+    try:
+        parsed = parse_critique(answer["raw"], box_format, scale)
+    except CritiqueError as err:
+        return {**read, "status": "invalid", "error": str(err)}
+    count = len(parsed["adjustments"]) + len(parsed["regions"]) + bool(parsed["rewritten_prompt"])
+    return {**read, "status": "ok", "critique": json.dumps(parsed), "rating": parsed["rating"],
+            "suggestions": count if has_suggestions(parsed) else 0}  # fmt: skip

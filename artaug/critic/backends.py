@@ -93,13 +93,13 @@ def ask(
         if task.name != SCHEMA_VERSION:
             raise CriticModelError(f"the {cfg.backend} critic answers critiques only, not {task.name}")
         return ds.map_batches(
-            _model_free_answers, fn_kwargs={"backend": cfg.backend}, batch_format="pyarrow",
+            model_free_answers, fn_kwargs={"backend": cfg.backend}, batch_format="pyarrow",
             batch_size=cfg.batch_size,
         )  # fmt: skip
     return vllm_answers(ds, cfg, model, task.request)
 
 
-def _model_free_answers(batch: pa.Table, backend: str) -> pa.Table:
+def model_free_answers(batch: pa.Table, backend: str) -> pa.Table:
     critic, out = MODEL_FREE[backend], []
     for row in batch.to_pylist():
         start = time.perf_counter()

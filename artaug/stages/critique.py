@@ -12,7 +12,6 @@ stage's parts while they are written (`artaug.stages.parts.follow`).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -22,11 +21,17 @@ import ray
 
 from artaug import storage
 from artaug.config import CritiqueConfig, RunConfig
-from artaug.critic.answers import REQUEST, CriticFailedError, check_failures, failed_answers
+from artaug.critic.answers import (
+    REQUEST,
+    CriticFailedError,
+    check_failures,
+    failed_answers,
+    read_answer,
+    request_for,
+)
 from artaug.critic.backends import ask, critic_model, critique_task
 from artaug.critic.openai_backend import Endpoint
-from artaug.critic.schema import CritiqueError, has_suggestions, parse_critique, qwen25_resized_size
-from artaug.images import BadImageError, data_url, decode_image, fit
+from artaug.images import BadImageError, decode_image
 from artaug.rows import CRITIQUE
 from artaug.stages import inputs, parts
 from artaug.stages.contract import read_stage, stage
@@ -51,20 +56,13 @@ def prepare(batch: pa.Table, cfg: CritiqueConfig) -> pa.Table:
     """Decode, check and downscale each image; a bad one gets an error and no image_url."""
     out = []
     for row in batch.to_pylist():
-        request = {k: row[k] for k in _IDS}
-        request.update(image_url=None, box_max=1000, box_scale_w=1000, box_scale_h=1000, error=None)
         try:
             if row.get("error"):
                 raise BadImageError(f"no image: generation failed: {row['error']}")
-            image = fit(decode_image(row["image"]), cfg.image_max_side)
+            out.append(request_for(row, decode_image(row["image"]), cfg))
         except BadImageError as err:
-            out.append({**request, "error": str(err)})
-            continue
-        request["image_url"] = data_url(image)
-        if cfg.box_format == "pixels":
-            w, h = qwen25_resized_size(*image.size, cfg.vlm_min_pixels, cfg.vlm_max_pixels)
-            request.update(box_max=max(w, h), box_scale_w=w, box_scale_h=h)
-        out.append(request)
+            out.append({**{k: row[k] for k in _IDS}, "image_url": None, "box_max": 1000, "box_scale_w": 1000,
+                        "box_scale_h": 1000, "error": str(err)})  # fmt: skip
     return pa.Table.from_pylist(out, schema=REQUEST)
 
 
@@ -72,19 +70,7 @@ def parse_answers(batch: pa.Table, backend: str, box_format: str) -> pa.Table:
     out = []
     for row in batch.to_pylist():
         result = {k: row[k] for k in (*_IDS, "raw", "model", "seconds")}
-        result.update(backend=backend, critique=None, rating=None, suggestions=None, error=row["error"])
-        if row["error"] or row["raw"] is None:
-            result.update(status="failed", error=row["error"] or "no answer")
-        else:
-            try:
-                parsed = parse_critique(row["raw"], box_format, (row["box_scale_w"], row["box_scale_h"]))
-            except CritiqueError as err:
-                result.update(status="invalid", error=str(err))
-            else:
-                count = len(parsed["adjustments"]) + len(parsed["regions"]) + bool(parsed["rewritten_prompt"])
-                result.update(status="ok", critique=json.dumps(parsed), rating=parsed["rating"],
-                              suggestions=count if has_suggestions(parsed) else 0)  # fmt: skip
-        out.append(result)
+        out.append({**result, "backend": backend, **read_answer(row, box_format)})
     return pa.Table.from_pylist(out, schema=CRITIQUE)
 
 

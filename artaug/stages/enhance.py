@@ -27,7 +27,8 @@ from artaug import storage
 from artaug.config import RunConfig
 from artaug.errors import ArtaugError
 from artaug.images import BadImageError, decode_image, png_bytes
-from artaug.models.sampling import Job, Region, sample
+from artaug.models.interaction import global_prompt, regional_job, sampling_options
+from artaug.models.sampling import sample
 from artaug.models.synthesis import check_source, host_pipeline
 from artaug.photometric import apply_adjustments
 from artaug.rows import PAIR
@@ -65,7 +66,7 @@ class Enhancer:
         done = run_in_groups([p for p in pairs if p.pop("_work", False)], self._run)
         out = [done.get(p["prompt_id"], p) for p in pairs]
         for pair in out:
-            pair.pop("_regions", None)
+            pair.pop("_job", None)
         return pa.Table.from_pylist(out, schema=PAIR)
 
     def _plan(self, row: dict) -> dict:
@@ -84,10 +85,10 @@ class Enhancer:
         if self.settings.mode == "photometric":
             return self._photometric(pair, critique)
         if self.settings.mode == "regional":
-            regions = critique["regions"][: self.settings.max_regions]
-            if not regions and pair["enhance_prompt"] == row["prompt"]:
+            planned = regional_job(row["prompt"], row["seed"], critique, self.settings)
+            if planned is None:
                 return self._unchanged(pair)
-            pair["_regions"] = regions
+            pair["_job"], regions = planned
             pair["regions"] = json.dumps(regions)
         elif not critique["rewritten_prompt"].strip():  # img2img needs a new prompt to go toward
             return self._unchanged(pair)
@@ -114,16 +115,10 @@ class Enhancer:
         first, start = pairs[0], time.perf_counter()
         size = dict(width=first["width"], height=first["height"])
         if self.settings.mode == "regional":
-            jobs = [
-                Job(p["enhance_prompt"], p["seed"],
-                    [Region(tuple(r["box"]), r["prompt"], self.settings.mask_scale) for r in p["_regions"]])
-                for p in pairs
-            ]  # fmt: skip
             images = sample(
-                self.pipe, jobs, steps=first["steps"], guidance=first["guidance"],
-                max_sequence_length=self.cfg.model.max_sequence_length,
-                blur_kernel=self.settings.blur_kernel, blur_sigma=self.settings.blur_sigma,
-                coverage=self.settings.mask_coverage, **size,
+                self.pipe, [p["_job"] for p in pairs], steps=first["steps"], guidance=first["guidance"],
+                max_sequence_length=self.cfg.model.max_sequence_length, **sampling_options(self.settings),
+                **size,
             )  # fmt: skip
         else:
             images = self.img2img(
@@ -138,27 +133,6 @@ class Enhancer:
             ).images
         share = (time.perf_counter() - start) / len(pairs)
         return [{**p, "after": png_bytes(im), "seconds": share} for p, im in zip(pairs, images, strict=True)]
-
-
-def global_prompt(prompt: str, critique: dict, choice: str) -> str:
-    """The global prompt P of the enhancement job for `enhance.global_prompt`.
-
-    - "original": the prompt the image was generated with; the critique's global adjustments are
-      left out (regional mode then changes only what its regions ask for);
-    - "rewritten": the critic's rewritten prompt when it gives one, else the original;
-    - "folded": the original prompt followed by each global adjustment as text (its note, or
-      "increase exposure" when the note is empty), so exposure, camera angle or atmosphere reach
-      the whole image while the prompt's own words stay first (CLIP reads only 77 tokens).
-    """
-    if choice == "rewritten":
-        return critique["rewritten_prompt"].strip() or prompt
-    if choice == "folded":
-        notes = [
-            a["note"].strip() or f"{a['direction']} {a['aspect'].replace('_', ' ')}"
-            for a in critique["adjustments"]
-        ]
-        return ", ".join([prompt.rstrip(" ,."), *notes]) if notes else prompt
-    return prompt
 
 
 def with_critiques(batch: pa.Table, critiques: dict[str, str | None]) -> pa.Table:
