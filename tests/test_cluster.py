@@ -107,7 +107,9 @@ def test_the_image_is_rays_gpu_image_at_our_ray_version_with_the_gpu_group():
     assert "HF_TOKEN" not in dockerfile  # no secret baked into an image
 
 
-@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", "rayjob.yaml", "rayservice.yaml"])
+@pytest.mark.parametrize(
+    "name", ["aws.yaml", "gcp.yaml", "rayjob.yaml", "rayservice.yaml", "rayservice-enhance.yaml"]
+)
 def test_templates_share_nothing_world_writable_and_turn_on_rays_token_auth(name):
     text = (REPO / "clusters" / name).read_text()
     assert not re.search(r"chmod\s+(-R\s+)?[0-7]?7[0-7]7\b|chmod\s+\S*o\+w|a\+w", text)

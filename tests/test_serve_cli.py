@@ -26,7 +26,7 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from artaug.cli import main as cli
-from artaug.config import to_yaml
+from artaug.config import load_config, to_yaml
 from artaug.layout import RunLayout
 from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
@@ -100,22 +100,30 @@ def test_only_safetensors_are_loaded(tmp_path, capsys):
     assert "serve.max_ongoing_requests" in capsys.readouterr().err
 
 
-def test_serve_config_passes_rays_own_schema():
-    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text()))
+APPLICATIONS = [("serve.yaml", "rayservice.yaml"), ("serve-enhance.yaml", "rayservice-enhance.yaml")]
+
+
+@pytest.mark.parametrize("serve_file, _", APPLICATIONS)
+def test_serve_config_passes_rays_own_schema(serve_file, _):
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "jobs" / serve_file).read_text()))
     (app,) = config.applications
     module, _, name = app.import_path.partition(":")
     assert getattr(__import__(module, fromlist=[name]), name) is app_builder
     assert set(app.args) <= {"run_dir", "lora", "preset", "config", "set"}
     assert config.http_options.host == "127.0.0.1"
+    settings = load_config("flux-dev", overrides=app.args["set"])  # every override is a real field
+    assert settings.serve.resources.gpus == 1
+    if settings.serve.enhance:  # each critic replica's vLLM gets the GPUs its engine spans
+        assert settings.critique.backend == "vllm"
+        assert settings.serve.critic_resources.gpus == settings.critique.tensor_parallel_size
 
 
-def test_rayservice_runs_the_same_application():
-    service = yaml.safe_load((ROOT / "clusters" / "rayservice.yaml").read_text())
+@pytest.mark.parametrize("serve_file, service_file", APPLICATIONS)
+def test_rayservice_runs_the_same_application(serve_file, service_file):
+    service = yaml.safe_load((ROOT / "clusters" / service_file).read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    deploy_config = ServeDeploySchema.model_validate(
-        yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
-    )
+    deploy_config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "jobs" / serve_file).read_text()))
     assert serve_config.applications == deploy_config.applications
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == "2.60.0"
@@ -124,7 +132,9 @@ def test_rayservice_runs_the_same_application():
     (gpu_group,) = cluster["workerGroupSpecs"]
     worker = gpu_group["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert gpu_group["maxReplicas"] >= 1
+    settings = load_config("flux-dev", overrides=deploy_config.applications[0].args["set"])
+    gpus = settings.serve.max_replicas + settings.serve.enhance * settings.serve.critic_replicas
+    assert gpu_group["maxReplicas"] >= gpus  # room for every replica of both deployments
 
 
 def test_app_builder_rejects_unknown_args():

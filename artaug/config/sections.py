@@ -200,6 +200,14 @@ class ServeConfig:
     """Environment variable holding the API key (Authorization: Bearer); unset or empty: the API is open."""
     resources: Resources = field(default_factory=cpu_only)
     """Ray resources of each model replica."""
+    enhance: Bool = False
+    """Also serve POST /v1/images/enhance and `"enhance": true`, with a critic deployment (critique.*)."""
+    critic_replicas: Count = 1
+    """Critic replicas (with serve.enhance); each vllm-backend replica runs its own engine."""
+    critic_max_ongoing_requests: Count = 8
+    """Critiques one critic replica works on or batches at once (critique.batch_size per batch)."""
+    critic_resources: Resources = field(default_factory=cpu_only)
+    """Ray resources of each critic replica (a vllm backend needs critique.tensor_parallel_size GPUs)."""
 
     @model_validator(mode="after")
     def _replicas_and_batches(self) -> ServeConfig:

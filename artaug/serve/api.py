@@ -9,12 +9,16 @@ checked strictly by pydantic (no "4" for 4); bounds come from `ServeConfig` and 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import random
 import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from artaug.config import RunConfig
 
@@ -57,11 +61,39 @@ class ImageRequest(BaseModel):
         None, description="Extension: seconds this request may take (at most the server's limit)."
     )
     user: StrictStr | None = Field(None, description="Accepted for OpenAI compatibility; unused.")
+    enhance: StrictBool = Field(
+        False,
+        description="Extension: critique each image and regenerate it with the interaction algorithm"
+        " (a server started with serve.enhance); the answer holds both images and the critique.",
+    )
+
+
+class EnhanceRequest(BaseModel):
+    """Body of POST /v1/images/enhance: an image and the prompt (and seed) it was made with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: StrictStr = Field(description="The image as base64-encoded PNG; its size is the output's.")
+    prompt: StrictStr = Field(description="The prompt the image was made with.")
+    model: StrictStr | None = Field(None, description="The served model's id (GET /v1/models); optional.")
+    seed: StrictInt | None = Field(None, description="The seed the image was made with; random if omitted.")
+    steps: StrictInt | None = Field(None, description="Denoising steps of the regeneration.")
+    guidance: StrictFloat | StrictInt | None = Field(None, description="Guidance scale of the regeneration.")
+    timeout: StrictFloat | StrictInt | None = Field(
+        None, description="Seconds this request may take (at most the server's limit)."
+    )
 
 
 class ImageData(BaseModel):
-    b64_json: str = Field(description="The image as base64-encoded PNG.")
+    b64_json: str = Field(description="The image as base64-encoded PNG (enhanced: the regenerated one).")
     seed: int = Field(description="Extension: the seed that made this image.")
+    # Enhanced answers only (left out of plain ones):
+    original_b64_json: str | None = Field(None, description="The image before the enhancement.")
+    critique: dict | None = Field(None, description="The critic's parsed critique (the schema's JSON).")
+    critique_error: str | None = Field(None, description="Why the critic gave no usable critique.")
+    regions: list[dict] | None = Field(None, description="The regions regenerated: box (0-1), prompt.")
+    enhance_prompt: str | None = Field(None, description="The global prompt of the regeneration.")
+    unchanged: bool | None = Field(None, description="True when the critique asked for nothing to redraw.")
 
 
 class ImagesResponse(BaseModel):
@@ -161,6 +193,34 @@ def settle(request: ImageRequest, cfg: RunConfig) -> tuple[ImageJob, float]:
         )
     job = ImageJob(request.prompt, request.n, width, height, steps, guidance, seed)
     return job, timeout
+
+
+def settle_enhance(request: EnhanceRequest, cfg: RunConfig) -> tuple[ImageJob, bytes, float]:
+    """The regeneration's job (the image's size, n = 1), the image's PNG bytes and the timeout, or a
+    RequestError naming the first bad field. The image is checked from its header before decoding."""
+    try:
+        png = base64.b64decode(request.image, validate=True)
+        image = Image.open(io.BytesIO(png), formats=["PNG"])
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "image: not valid base64", "image") from None
+    except Exception:  # noqa: BLE001 - PIL raises several types for what is not a PNG
+        raise RequestError(400, "image: not a PNG image", "image") from None
+    width, height = image.size
+    plain = ImageRequest(
+        prompt=request.prompt, model=request.model, size=f"{width}x{height}", seed=request.seed,
+        steps=request.steps, guidance=request.guidance, timeout=request.timeout,
+    )  # fmt: skip
+    try:
+        job, timeout = settle(plain, cfg)
+    except RequestError as err:
+        if err.param == "size":
+            raise RequestError(400, err.message.replace("size:", "image: its", 1), "image") from None
+        raise
+    try:
+        image.load()
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt PNG
+        raise RequestError(400, f"image: the PNG does not decode ({type(err).__name__})", "image") from None
+    return job, png, timeout
 
 
 def _size(size: str, max_side: int) -> tuple[int, int]:

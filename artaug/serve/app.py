@@ -25,9 +25,22 @@ from ray.serve.handle import DeploymentHandle
 
 from artaug import hub
 from artaug.cluster import ray_resources
-from artaug.config import RunConfig
+from artaug.config import ConfigError, RunConfig
 from artaug.serve import edge
-from artaug.serve.api import ImageRequest, ImagesResponse, ModelCard, ModelList, error_body, settle
+from artaug.serve.api import (
+    EnhanceRequest,
+    ImageJob,
+    ImageRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    RequestError,
+    error_body,
+    settle,
+    settle_enhance,
+)  # fmt: skip
+from artaug.serve.critic import CriticModel
+from artaug.serve.interaction import awaited, enhanced
 from artaug.serve.model import FluxModel
 
 log = logging.getLogger(__name__)
@@ -56,10 +69,6 @@ ERRORS = {
 
 # Helpers the ingress uses are defined above it: Serve serializes the class when it is decorated,
 # and names defined later in this module would be missing in the replica.
-async def _result(response):
-    return await response
-
-
 def _busy(err: BackPressureError) -> JSONResponse:
     retry_after = err.retry_after_s or 1
     message = f"the server is at capacity; retry in {retry_after:g} s"
@@ -78,30 +87,54 @@ def _display_name(source: str) -> str:
 class ImageAPI:
     """HTTP ingress: checks requests, forwards jobs to the model deployment, shapes the answers."""
 
-    def __init__(self, model: DeploymentHandle, cfg: RunConfig, key_digest: bytes | None = None):
-        self.model = model
+    def __init__(self, model: DeploymentHandle, cfg: RunConfig, key_digest: bytes | None = None,
+                 critic: DeploymentHandle | None = None):  # fmt: skip
+        self.model, self.critic = model, critic
         self.cfg = cfg
         self.created = int(time.time())
         api.state.api_key_digest = key_digest  # read by edge.Edge on every request
 
-    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
+    @api.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses=ERRORS)  # fmt: skip
     async def generations(self, body: ImageRequest) -> ImagesResponse | JSONResponse:
-        """Generate `n` PNG images (base64) for a prompt."""
+        """Generate `n` PNG images (base64) for a prompt; with `enhance`, each one critiqued and
+        regenerated too."""
         job, timeout = settle(body, self.cfg)
-        response = self.model.generate.remote(job)
+        if body.enhance:
+            self._check_enhances("enhance")
+
+        async def work():
+            images = await awaited(self.model.generate.remote(job))
+            return await enhanced(self.model, self.critic, self.cfg, job, images) if body.enhance else images
+
+        return await self._answer(work(), job, timeout)
+
+    @api.post("/v1/images/enhance", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses=ERRORS)  # fmt: skip
+    async def enhance(self, body: EnhanceRequest) -> ImagesResponse | JSONResponse:
+        """Critique a PNG image made with `prompt` (and `seed`) and regenerate it with the critique's
+        regions: the interaction algorithm at request time."""
+        self._check_enhances(None)
+        job, _, timeout = settle_enhance(body, self.cfg)
+        original = {"b64_json": body.image, "seed": job.seed}
+        return await self._answer(enhanced(self.model, self.critic, self.cfg, job, [original]), job, timeout)
+
+    def _check_enhances(self, param: str | None) -> None:
+        if self.critic is None:
+            message = "this server does not enhance: it was started without serve.enhance (no critic)"
+            raise RequestError(400, message, param)
+
+    async def _answer(self, work, job: ImageJob, timeout: float) -> ImagesResponse | JSONResponse:
+        """`work`'s images within `timeout`; a timeout or a client that leaves cancels what is running."""
         try:
-            images = await asyncio.wait_for(_result(response), timeout)
+            images = await asyncio.wait_for(work, timeout)
         except TimeoutError:
-            response.cancel()  # stops the denoising loop on the replica
             message = f"the images were not ready within {timeout:g} s"
             return JSONResponse(error_body(message, "timeout"), status_code=504)
         except BackPressureError as err:
             return _busy(err)
-        except asyncio.CancelledError:
-            response.cancel()  # the client went away: stop its work too
-            raise
-        except Exception as err:  # noqa: BLE001 - the replica failed this request (or died): only it fails
-            log.warning("a request failed on the model replica: %s", err)
+        except Exception as err:  # noqa: BLE001 - a replica failed this request (or died): only it fails
+            log.warning("a request failed on a replica: %s", err)
             message = "the model failed on this request; other requests are not affected, retry may succeed"
             return JSONResponse(error_body(message, "server_error"), status_code=500)
         return ImagesResponse(
@@ -129,7 +162,7 @@ class ImageAPI:
         """200 when a model replica answers (or all are busy), 503 when none can."""
         probe = self.model.ready.remote()
         try:
-            await asyncio.wait_for(_result(probe), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(awaited(probe), HEALTH_TIMEOUT_S)
             status, code = "ok", 200
         except BackPressureError:
             status, code = "busy", 200
@@ -177,7 +210,30 @@ def build_app(cfg: RunConfig):
         max_queued_requests=cfg.serve.max_queued_requests,
         backpressure_config=backpressure,
     )
-    return ingress.bind(model.bind(cfg), cfg, edge.key_digest(cfg))
+    return ingress.bind(model.bind(cfg), cfg, edge.key_digest(cfg), _critic(cfg, backpressure))
+
+
+def _critic(cfg: RunConfig, backpressure: dict):
+    """The critic deployment when serve.enhance is on (regional regeneration only), else None."""
+    if not cfg.serve.enhance:
+        return None
+    if cfg.enhance.mode != "regional":
+        raise ConfigError(
+            f"serve.enhance regenerates with the interaction algorithm (enhance.mode: regional), not"
+            f" enhance.mode: {cfg.enhance.mode}"
+        )
+    actor_options = ray_resources(cfg.serve.critic_resources)
+    if hub.env(cfg.hub):
+        actor_options["runtime_env"] = {"env_vars": hub.env(cfg.hub)}
+    critic = serve.deployment(CriticModel, name="CriticModel").options(
+        ray_actor_options=actor_options,
+        num_replicas=cfg.serve.critic_replicas,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        max_ongoing_requests=cfg.serve.critic_max_ongoing_requests,
+        max_queued_requests=cfg.serve.max_queued_requests,
+        backpressure_config=backpressure,
+    )
+    return critic.bind(cfg)
 
 
 def app_builder(args: dict):

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 # Paths that need the key when one is set; /healthz (probes), /docs and /openapi.json stay open.
 PROTECTED_PREFIX = "/v1/"
-ROUTES = "POST /v1/images/generations, GET /v1/models, GET /healthz"
+ROUTES = "POST /v1/images/generations, POST /v1/images/enhance, GET /v1/models, GET /healthz"
 
 
 class BodyTooLarge(HTTPException):

@@ -32,7 +32,8 @@ from ray import serve
 from artaug import hub
 from artaug.config import RunConfig
 from artaug.images import png_bytes
-from artaug.models.sampling import Cancelled, Job, sample
+from artaug.models.interaction import sampling_options
+from artaug.models.sampling import Cancelled, Job, Region, sample
 from artaug.models.synthesis import load_pipeline
 from artaug.serve.api import ImageJob
 
@@ -46,6 +47,8 @@ class ImageTask:
     prompt: str
     seed: int
     settings: tuple
+    regions: tuple[Region, ...] = ()
+    """The interaction's regions (an enhanced request's regeneration); none for a plain image."""
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -97,10 +100,11 @@ class FluxModel:
         self._images.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         log.info("model replica ready: %s with %d LoRA(s) fused", cfg.model.source, len(cfg.model.loras))
 
-    async def generate(self, job: ImageJob) -> list[dict]:
-        """The request's n images as {"b64_json": PNG base64, "seed": int}, in seed order."""
+    async def generate(self, job: ImageJob, regions: tuple[Region, ...] = ()) -> list[dict]:
+        """The request's n images as {"b64_json": PNG base64, "seed": int}, in seed order; with
+        `regions`, each composed under its mask (the interaction algorithm, `enhance.*` masks)."""
         self.counters.requests += 1
-        tasks = [ImageTask(job.prompt, job.seed + i, job.settings()) for i in range(job.n)]
+        tasks = [ImageTask(job.prompt, job.seed + i, job.settings(), regions) for i in range(job.n)]
         try:
             await self._pipeline_free.wait()
             images = list(await asyncio.gather(*(self._images(task) for task in tasks)))
@@ -193,15 +197,17 @@ class FluxModel:
         c.call_sizes[len(group)] = c.call_sizes.get(len(group), 0) + 1
         start = time.perf_counter()
         try:
+            masks = sampling_options(self.cfg.enhance) if any(task.regions for task in group) else {}
             images = sample(
                 self.pipe,
-                [Job(task.prompt, task.seed) for task in group],
+                [Job(task.prompt, task.seed, list(task.regions)) for task in group],
                 width=width,
                 height=height,
                 steps=steps,
                 guidance=guidance,
                 max_sequence_length=self.cfg.model.max_sequence_length,
                 should_stop=should_stop,
+                **masks,
             )
         except Cancelled:
             c.cancelled_calls += 1
