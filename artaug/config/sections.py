@@ -203,11 +203,11 @@ class ServeConfig:
     enhance: Bool = False
     """Also serve POST /v1/images/enhance and `"enhance": true`, with a critic deployment (critique.*)."""
     critic_replicas: Count = 1
-    """Critic replicas (with serve.enhance); each vllm-backend replica runs its own engine."""
+    """Critic replicas (with serve.enhance); for the vllm backend also the vLLM engines (Ray Serve LLM)."""
     critic_max_ongoing_requests: Count = 8
     """Critiques one critic replica works on or batches at once (critique.batch_size per batch)."""
     critic_resources: Resources = field(default_factory=cpu_only)
-    """Ray resources of each critic replica (a vllm backend needs critique.tensor_parallel_size GPUs)."""
+    """Ray resources of each critic replica (a vllm engine's GPUs: critique.tensor_parallel_size)."""
 
     @model_validator(mode="after")
     def _replicas_and_batches(self) -> ServeConfig:

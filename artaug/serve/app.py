@@ -39,7 +39,7 @@ from artaug.serve.api import (
     settle,
     settle_enhance,
 )  # fmt: skip
-from artaug.serve.critic import CriticModel
+from artaug.serve.critic import CriticModel, engine_deployment
 from artaug.serve.interaction import awaited, enhanced
 from artaug.serve.model import FluxModel
 
@@ -233,7 +233,7 @@ def _critic(cfg: RunConfig, backpressure: dict):
         max_queued_requests=cfg.serve.max_queued_requests,
         backpressure_config=backpressure,
     )
-    return critic.bind(cfg)
+    return critic.bind(cfg, engine_deployment(cfg) if cfg.critique.backend == "vllm" else None)
 
 
 def app_builder(args: dict):
