@@ -26,7 +26,7 @@ from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
 from artaug.cli import main as cli
-from artaug.config import load_config, to_yaml
+from artaug.config import ConfigError, load_config, to_yaml
 from artaug.layout import RunLayout
 from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
@@ -139,6 +139,11 @@ def test_rayservice_runs_the_same_application(serve_file, service_file):
 def test_app_builder_rejects_unknown_args():
     with pytest.raises(ValueError, match="unknown application args"):
         app_builder({"run_dir": "r", "adapter_path": "/etc/passwd"})
+
+
+def test_serving_the_interaction_needs_the_regional_mode():
+    with pytest.raises(ConfigError, match="enhance.mode: regional"):
+        app_builder({"set": ["serve.enhance=true", "enhance.mode=photometric"]})
 
 
 def test_artaug_serve_answers_with_the_runs_fused_model_and_stops_cleanly(ray_local, run_dir):
