@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--blocks", type=int, default=0, help="generate.blocks (0: the stage's default)")
     parser.add_argument("--out", default="", help="also write the results as JSON here")
     args = parser.parse_args()
     cfg = load_config(
@@ -95,12 +96,14 @@ def main() -> None:
             f"generate.height={args.size}",
             f"generate.steps={args.steps}",
             f"generate.batch_size={args.batch_size}",
+            f"generate.blocks={args.blocks}",
         ],
     )
     rows = prompts(args.images)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "work": f"{args.images} images {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}",
+        "blocks": args.blocks or "the stage's default",
     }
     init_ray(RayConfig(num_cpus=4))
     plain_loop(cfg, rows[:4], threads=1)  # warm imports, so plain start-up is construction only

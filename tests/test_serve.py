@@ -340,7 +340,7 @@ def test_a_busy_server_is_the_clients_503_and_its_retry_after_is_honoured(served
 
     url, cfg, _ = served
     s, attempts = cfg.serve, []
-    count = s.max_ongoing_requests + s.max_queued_requests + 4
+    count = 2 * (s.max_ongoing_requests + s.max_queued_requests)  # twice: under load Serve counts late
     blockers = [open_request(url, "a blocked road", seed) for seed in range(count)]
     refused = threading.Event()
 

@@ -144,7 +144,7 @@ def test_a_full_model_queue_answers_an_enhance_request_503_with_retry_after(worl
     """The critique is made; the regeneration finds the model replica and its queue full."""
     url, cfg, pipe = world_served
     s = cfg.serve
-    count = s.max_ongoing_requests + s.max_queued_requests + 4
+    count = 2 * (s.max_ongoing_requests + s.max_queued_requests)  # twice: under load Serve counts late
     blockers = [open_request(url, "a blocked road", seed) for seed in range(count)]
     image = base64.b64encode(png_bytes(Image.fromarray(in_process(cfg, pipe, Job(PROMPT, SEED))))).decode()
     try:
