@@ -1,7 +1,8 @@
 """The HTTP API's request and response shapes, and the checks every request passes.
 
 The shape follows OpenAI's Images API (`POST /v1/images/generations`: prompt, n, size "WxH",
-response_format b64_json) with `seed`, `steps`, `guidance` and `timeout` as extensions. Types are
+response_format b64_json) with `seed`, `steps`, `guidance`, `timeout` and `enhance` as extensions;
+`POST /v1/images/enhance` (`EnhanceRequest`, `settle_enhance`) takes a client's PNG. Types are
 checked strictly by pydantic (no "4" for 4); bounds come from `ServeConfig` and are checked by
 `settle`, which turns a request into the jobs the model replica runs. Every problem is a
 `RequestError` with a status below 500 and a message naming the field.
@@ -195,9 +196,9 @@ def settle(request: ImageRequest, cfg: RunConfig) -> tuple[ImageJob, float]:
     return job, timeout
 
 
-def settle_enhance(request: EnhanceRequest, cfg: RunConfig) -> tuple[ImageJob, bytes, float]:
-    """The regeneration's job (the image's size, n = 1), the image's PNG bytes and the timeout, or a
-    RequestError naming the first bad field. The image is checked from its header before decoding."""
+def settle_enhance(request: EnhanceRequest, cfg: RunConfig) -> tuple[ImageJob, float]:
+    """The regeneration's job (the image's size, n = 1) and its timeout, or a RequestError naming the
+    first bad field. The image is checked from its header before it is decoded."""
     try:
         png = base64.b64decode(request.image, validate=True)
         image = Image.open(io.BytesIO(png), formats=["PNG"])
@@ -220,7 +221,7 @@ def settle_enhance(request: EnhanceRequest, cfg: RunConfig) -> tuple[ImageJob, b
         image.load()
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt PNG
         raise RequestError(400, f"image: the PNG does not decode ({type(err).__name__})", "image") from None
-    return job, png, timeout
+    return job, timeout
 
 
 def _size(size: str, max_side: int) -> tuple[int, int]:

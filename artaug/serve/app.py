@@ -115,7 +115,7 @@ class ImageAPI:
         """Critique a PNG image made with `prompt` (and `seed`) and regenerate it with the critique's
         regions: the interaction algorithm at request time."""
         self._check_enhances(None)
-        job, _, timeout = settle_enhance(body, self.cfg)
+        job, timeout = settle_enhance(body, self.cfg)
         original = {"b64_json": body.image, "seed": job.seed}
         return await self._answer(enhanced(self.model, self.critic, self.cfg, job, [original]), job, timeout)
 
