@@ -288,3 +288,19 @@ def stopped_server_started(heavy, tmp_path_factory):
 def stopped_server(stopped_server_started):
     """`artaug serve` on its own Ray, healthy, then SIGTERM (tests/own_ray.py)."""
     return stopped_server_started.result()
+
+
+@pytest.fixture(scope="session")
+def differential(ray_local, tmp_path_factory):
+    """One differential `artaug train` on tests/pairs.py's pair set (tiny preset): its output folder
+    and latent cache are read by the training tests of every mode (copy before writing)."""
+    from artaug import storage
+    from artaug.cli import main as cli
+    from tests.pairs import pair_rows, write_pairs
+
+    root = tmp_path_factory.mktemp("train-diff")
+    pairs = write_pairs(str(root / "pairs"), pair_rows())
+    out = str(root / "out")
+    args = ["train", "--pairs", pairs, "--out", out, "--preset", "tiny"]  # the pairs are the tiny model's
+    code = cli(args)
+    return {"out": out, "pairs": pairs, "args": args, "code": code, "summary": storage.read_summary(out)}

@@ -70,3 +70,17 @@ def _schema_for(rows: list[dict]) -> pa.Schema:
     for name in dict.fromkeys(extra):
         result = result.append(pa.field(name, pa.bool_() if name == "accepted" else pa.float64()))
     return result
+
+
+def pair_rows() -> list[dict]:
+    """8 good pairs and one of each kind of pair that must not be trained on."""
+    rows = [pair_row(i, accepted=True) for i in range(8)]
+    rows += [
+        pair_row(8, accepted=True, after=None),
+        pair_row(9, accepted=True, before=b"not a png"),
+        pair_row(10, accepted=True, after=png(np.zeros((48, 64, 3)))),
+        pair_row(11, accepted=True, error="enhance failed", after=None),
+        pair_row(12, accepted=True, unchanged=True),
+        pair_row(13, accepted=False),
+    ]
+    return rows

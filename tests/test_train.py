@@ -1,8 +1,8 @@
 """Differential LoRA training: latent cache, Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers (gloo),
 checkpoints, recovery and resume, and the saved LoRA loaded back through diffusers.
 
-One differential run through the CLI is shared by several tests; three short direct-mode runs on its
-latent cache check recovery and resume against an uninterrupted run.
+One differential run through the CLI (conftest's `differential`) is shared by the training tests of
+every mode; short runs on its latent cache check recovery and resume against an uninterrupted run.
 """
 
 import json
@@ -27,23 +27,9 @@ from artaug.train.data import sample_indices
 from artaug.train.latents import skip_reason_kind
 from artaug.train.worker import PHASE1_FILE, PROBE_FILE, FaultInjection
 from tests.conftest import tiny_config
-from tests.pairs import pair_row, png, write_pairs
+from tests.pairs import pair_row, write_pairs
 
 TOLERANCE = 1e-5  # fp32 on CPU: the same weights through peft in a worker and through diffusers here
-
-
-def pair_rows() -> list[dict]:
-    """8 good pairs and one of each kind of pair that must not be trained on."""
-    rows = [pair_row(i, accepted=True) for i in range(8)]
-    rows += [
-        pair_row(8, accepted=True, after=None),
-        pair_row(9, accepted=True, before=b"not a png"),
-        pair_row(10, accepted=True, after=png(np.zeros((48, 64, 3)))),
-        pair_row(11, accepted=True, error="enhance failed", after=None),
-        pair_row(12, accepted=True, unchanged=True),
-        pair_row(13, accepted=False),
-    ]
-    return rows
 
 
 # ------------------------------------------------------------------ in process, no Ray
@@ -156,16 +142,6 @@ def test_no_trainable_pair_fails_before_any_worker_starts(tmp_path):
 
 
 # ------------------------------------------------------------------ one differential run (CLI)
-
-
-@pytest.fixture(scope="module")
-def differential(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-diff")
-    pairs = write_pairs(str(root / "pairs"), pair_rows())
-    out = str(root / "out")
-    args = ["train", "--pairs", pairs, "--out", out, "--preset", "tiny"]  # the pairs are the tiny model's
-    code = cli(args)
-    return {"out": out, "args": args, "code": code, "summary": storage.read_summary(out)}
 
 
 def test_cli_writes_the_run_and_refuses_to_overwrite(differential, capsys):
