@@ -16,6 +16,7 @@ TRAIN_OUT/  (`artaug train --out`, or round-K/train)
   checkpoints/  Ray Train's storage
   lora/         pytorch_lora_weights.safetensors, metrics.jsonl, _SUCCESS
   subsets/k/    pairwise-average: one training output folder per subset
+  pairs/        per-pair: each finished pair's LoRA-2 (<prompt_id>-s<seed>-r<round>.safetensors)
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class TrainOutput:
     @property
     def metrics(self) -> str:
         return storage.join(self.lora_dir, METRICS_NAME)
+
+    @property
+    def pairs(self) -> str:
+        return storage.join(self.root, "pairs")
 
     def subset(self, k: int) -> TrainOutput:
         return TrainOutput(storage.join(self.root, "subsets", str(k)))

@@ -293,7 +293,7 @@ def test_killed_worker_recovers_and_a_stopped_run_resumes_exactly(differential, 
     for key, value in weights.items():
         torch.testing.assert_close(value, reference_weights[key], atol=0, rtol=0)
     # Checkpoints of one configuration are never resumed by another.
-    from artaug.train.trainer import CheckpointConflictError
+    from artaug.train.checkpoints import CheckpointConflictError
 
     with pytest.raises(CheckpointConflictError, match="another training configuration"):
         fit_tiny(cache, out, **{"train.learning_rate": 0.5})

@@ -209,11 +209,17 @@ def cmd_train(args) -> int:
         _write_config(cfg, out, just_written=True)
     cache = s["cache"]
     skipped = ", ".join(f"{n} {reason}" for reason, n in cache["skipped"].items()) or "none"
-    restarts = ", ".join(str(r["from_step"]) for r in s["restarts"]) or "none"
+    if s["mode"] == "per-pair":
+        resumed = ", ".join(f"{n} {what}" for what, n in s["pairs"].items())
+        if "relative_error" in s:
+            resumed += f"; mean compressed to rank {s['rank']}, error {s['relative_error']['overall']:.4f}"
+    else:
+        resumed = "resumed from steps: " + (", ".join(str(r["from_step"]) for r in s["restarts"]) or "none")
+    first, final = s["first_loss"], s["final_loss"]
+    loss = f"loss {first:.4f} -> {final:.4f}" if first is not None else "no new fit"
     print(
         f"train: {cache['pairs']} pairs, {cache['usable']} used, skipped: {skipped}\n"
-        f"  {s['mode']}, {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f},"
-        f" {s['seconds']:.1f} s, resumed from steps: {restarts}\n"
+        f"  {s['mode']}, {s['steps']} steps, {loss}, {s['seconds']:.1f} s, {resumed}\n"
         f"  lora:    {s['lora']}\n  metrics: {storage.join(out, 'lora', 'metrics.jsonl')}"
     )
     return 0

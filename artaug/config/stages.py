@@ -206,14 +206,20 @@ class EvaluateConfig:
 
 @section
 class TrainConfig:
-    mode: Literal["differential", "direct", "pairwise-average"] = "differential"
-    """"differential" (LoRA-1 on before, merged; LoRA-2 on after, kept), "direct" or "pairwise-average"."""
+    mode: Literal["differential", "direct", "pairwise-average", "per-pair"] = "differential"
+    """differential (LoRA-1 on before, merged; LoRA-2 on after, kept), direct, pairwise-average, per-pair."""
     subsets: Count = 4
     """pairwise-average: differential runs on this many disjoint pair subsets; LoRA-2 deltas averaged."""
+    pair_exact_rank: Count = 64
+    """per-pair: the pairs' mean LoRA-2 delta is kept exact while pairs x rank <= this, else SVD to rank."""
+    pair_retries: NonNegativeInt = 2
+    """per-pair: more attempts at a pair whose fit failed; one that still fails is reported, others go on."""
+    fits_per_gpu: Count = 1
+    """per-pair: fit actors sharing one GPU (each holds its own model copy; raise it where memory allows)."""
     steps: Count = 8
-    """Optimizer steps of the phase whose LoRA is kept (LoRA-2, on the after images)."""
+    """Optimizer steps of the phase whose LoRA is kept (LoRA-2, on the after images); per-pair: per pair."""
     before_steps: Int = 8
-    """Optimizer steps of LoRA-1 on the before images (differential mode); -1 means the same as steps."""
+    """Optimizer steps of LoRA-1 on the before images (differential, per-pair); -1 means the same as steps."""
     rank: Count = 4
     """LoRA rank."""
     alpha: PositiveFloat = 8.0  # != rank on purpose: the saved LoRA must carry alpha to reproduce training
@@ -242,7 +248,7 @@ class TrainConfig:
     seed: Seed = 0
     """Seed of LoRA init, sample order, noise and timesteps (a resumed run matches an uninterrupted one)."""
     num_workers: Count = 2
-    """Ray Train workers (data-parallel ranks, one GPU each on GPU clusters)."""
+    """Ray Train workers (data-parallel ranks, one GPU each on GPU clusters); per-pair: fit actors."""
     precision: Literal["auto", "float32", "bfloat16"] = "float32"
     """Training precision: "auto" (bf16 on GPU, fp32 on CPU), "float32" or "bfloat16"."""
     zero_stage: Annotated[Literal[1, 2], StrictChoice, Why("stage 3 is not supported")] = 2

@@ -13,13 +13,16 @@ alpha / rank reads them the same way.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import torch
 from diffusers import FluxPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
+from safetensors import safe_open
 
 from artaug.lora.files import LoraFileError, check_finite, local_copy, read_metadata, save_lora
 
@@ -181,6 +184,75 @@ def combine(
     summary["rank"] = write_adapter(out, combined, record)
     summary["out"] = out
     return summary
+
+
+def mean(paths: list[str], out: str, rank: int, exact_rank: int, metadata: dict | None = None,
+         budget_bytes: int = 1 << 30) -> dict:  # fmt: skip
+    """One adapter at `out` whose delta is the mean of the files' deltas (per-pair training's average).
+
+    Exact (the factors concatenated, scale 1/N each) while the concatenation's rank stays within
+    `exact_rank`; beyond it (1,000 pairs at rank 16 would be rank 16,000), each layer's mean is formed
+    in fp32 and cut to `rank` by SVD, and the summary reports the relative Frobenius error of what was
+    cut (overall and worst layer). Layers are averaged in groups of at most `budget_bytes` of fp32
+    means, reading one file at a time and only the group's tensors of it, so the driver never holds
+    the N adapters together.
+    """
+    if not paths:
+        raise LoraFileError("mean needs at least one LoRA file")
+    first = read_factors(paths[0])
+    if max(down.shape[0] for down, _ in first.values()) * len(paths) <= exact_rank:
+        return {**combine(paths, out, [1 / len(paths)] * len(paths), metadata=metadata), "exact": True}
+    groups, group, size = [], [], 0
+    for layer, (down, up) in sorted(first.items()):
+        if group and size + 4 * up.shape[0] * down.shape[1] > budget_bytes:
+            groups, group, size = [*groups, group], [], 0
+        group, size = [*group, layer], size + 4 * up.shape[0] * down.shape[1]
+    factors, dropped, total, worst = {}, 0.0, 0.0, 0.0
+    for layers in [*groups, group]:
+        sums = {layer: torch.zeros(first[layer][1].shape[0], first[layer][0].shape[1]) for layer in layers}
+        for path in paths:
+            for layer, (down, up) in _read_layers(path, layers).items():
+                sums[layer] += (up @ down).float()
+        for layer, summed in sums.items():
+            average = summed / len(paths)
+            if not torch.isfinite(average).all():
+                raise LoraFileError(f"mean of {len(paths)} LoRA files: layer {layer} is not finite")
+            down, up = _truncate(average, rank)
+            lost, norm = (average - up @ down).norm().item(), average.norm().item()
+            factors[layer] = (down.double(), up.double())
+            dropped, total = dropped + lost**2, total + norm**2
+            worst = max(worst, lost / norm if norm > 0 else 0.0)
+    error = {"overall": math.sqrt(dropped / total) if total else 0.0, "worst_layer": worst}
+    record = {"mean_of": len(paths), "relative_error": error, **(metadata or {})}
+    return {"inputs": list(paths), "layers": len(factors), "relative_error": error, "exact": False,
+            "rank": write_adapter(out, factors, record), "out": out}  # fmt: skip
+
+
+def _read_layers(path: str, layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (A, B * scale)} of only these transformer layers of a diffusers-layout file (as `save_lora`
+    writes), read tensor by tensor: a group's pass over a FLUX.1-dev-sized file reads its share only."""
+    with safe_open(local_copy(path), framework="pt") as f:
+        config = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY) or "null")
+        keys, out = set(f.keys()), {}
+        for layer in layers:
+            key = f"transformer.{layer}.lora_A.weight"
+            if key in keys:
+                down = f.get_tensor(key).double()
+                up = f.get_tensor(key.replace("lora_A", "lora_B")).double()
+                out[layer] = (down, up * _scale(config, "transformer", layer, down.shape[0]))
+    return out
+
+
+def _truncate(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B @ A the best rank-`rank` approximation of `matrix` (randomized beyond 2048 wide)."""
+    if min(matrix.shape) <= 2048:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    else:  # FLUX.1-dev's layers: a full SVD of each would take minutes on a driver's CPU
+        u, s, v = torch.svd_lowrank(matrix, q=min(rank + 10, min(matrix.shape)), niter=4)
+        vh = v.T
+    keep = min(rank, s.numel())
+    root = s[:keep].sqrt()
+    return root[:, None] * vh[:keep], u[:, :keep] * root
 
 
 def combine_rounds(loras: list[str], out: str, rank: int | None = None) -> dict:

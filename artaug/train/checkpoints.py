@@ -16,6 +16,8 @@ rank once its checkpoints are committed (drills and tests of exactly this).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import ray.train
 from ray.train import CheckpointConsistencyMode
 
 from artaug import storage
+from artaug.config import RunConfig
 from artaug.errors import ArtaugError
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,41 @@ MARKER = "complete-rank-{rank}.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it reported
 DIVERGED = "diverged.json"  # rank 0's note of the step where the loss or a weight went non-finite
 _STEP_DIR = re.compile(r"^step-(\d+)(-final)?$")
+
+# Fields that change how a run is executed, not what it computes: a run may resume with other values.
+_OPERATIONAL = {
+    "checkpoint_every", "keep_checkpoints", "max_failures", "encode_batch_size",
+    "pair_retries", "fits_per_gpu",
+}  # fmt: skip
+
+
+class CheckpointConflictError(ArtaugError, RuntimeError):
+    """OUT/checkpoints holds a run made with another training configuration or other pairs."""
+
+
+def config_hash(cfg: RunConfig, cache_summary: dict) -> str:
+    """What the trained LoRA depends on: the model, the training settings and the cached pairs."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _OPERATIONAL}
+    what = {
+        "model": dataclasses.asdict(cfg.model),
+        "train": train,
+        "pairs": [cache_summary.get("pairs_source"), cache_summary.get("usable")],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def claim(checkpoints: str, digest: str) -> None:
+    """Record which configuration OUT/checkpoints belongs to; refuse to resume another one's run."""
+    marker = storage.join(checkpoints, "_config_hash")
+    if storage.exists(marker):
+        found = storage.read_bytes(marker).decode().strip()
+        if found != digest:
+            raise CheckpointConflictError(
+                f"{checkpoints} holds checkpoints of another training configuration or pair set"
+                f" ({found}, this run {digest}): use --overwrite or another --out"
+            )
+    else:
+        storage.write_text(marker, digest + "\n")
 
 
 class CheckpointError(ArtaugError, RuntimeError):

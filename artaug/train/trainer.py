@@ -13,8 +13,6 @@ checkpoint (`train.max_failures`). A non-finite loss or LoRA weight stops the ru
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,15 +30,13 @@ from artaug.layout import WEIGHT_NAME, TrainOutput
 from artaug.lora.algebra import combine
 from artaug.lora.files import check_finite_bytes, read_metadata
 from artaug.train.backend import WorkerDeviceTorchConfig
-from artaug.train.checkpoints import DIVERGED, prepare
+from artaug.train.checkpoints import DIVERGED, claim, config_hash, prepare
 from artaug.train.latents import ID_COLUMNS, read_cache
 from artaug.train.pairs import PairsError
+from artaug.train.per_pair import fit_per_pair
 from artaug.train.worker import METRICS_FILE, STATE_FILE, FaultInjection, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-# Fields that change how a run is executed, not what it computes: a run may resume with other values.
-_OPERATIONAL = {"checkpoint_every", "keep_checkpoints", "max_failures", "encode_batch_size"}
 
 # Ray Train settings for a private local Ray (a laptop, CI). Each fit starts a preemption-watcher actor
 # (one more Python process, ~4 s of CPU on a 2-core machine) to watch for a node being drained, which a
@@ -55,23 +51,8 @@ LOCAL_TRAIN_ENV = {
 }
 
 
-class CheckpointConflictError(ArtaugError, RuntimeError):
-    """OUT/checkpoints holds a run made with another training configuration or other pairs."""
-
-
 class TrainingDivergedError(ArtaugError, RuntimeError):
     """The loss or a LoRA weight became NaN or inf; the message names the step and what to change."""
-
-
-def config_hash(cfg: RunConfig, cache_summary: dict) -> str:
-    """What the trained LoRA depends on: the model, the training settings and the cached pairs."""
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _OPERATIONAL}
-    what = {
-        "model": dataclasses.asdict(cfg.model),
-        "train": train,
-        "pairs": [cache_summary.get("pairs_source"), cache_summary.get("usable")],
-    }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fit(
@@ -84,6 +65,8 @@ def fit(
     """Run (or resume) the TorchTrainer on a complete latent cache; write OUT/lora; return the summary."""
     if cfg.train.mode == "pairwise-average":
         return fit_subsets(cfg, cache_dir, out, round_index)
+    if cfg.train.mode == "per-pair":
+        return fit_per_pair(cfg, cache_dir, out, round_index)
     return _fit_one(cfg, cache_dir, out, round_index, faults)
 
 
@@ -156,7 +139,7 @@ def _fit_one(
     digest = config_hash(cfg, cache)
     target = TrainOutput(out)
     checkpoints = target.checkpoints
-    _claim(checkpoints, digest)
+    claim(checkpoints, digest)
     experiment = storage.join(checkpoints, cfg.name)  # Ray Train's folder of this run's checkpoints
     prepare(experiment)
     init_ray(cfg.ray, output=out)
@@ -237,20 +220,6 @@ def _diverged(cfg: RunConfig, round_index: int, d: dict, subset) -> TrainingDive
         f" `artaug run --resume RUN_DIR --set train.learning_rate={lr / 10:g}`"
         f" (`artaug train` needs --overwrite with the new --set)"
     )
-
-
-def _claim(checkpoints: str, digest: str) -> None:
-    """Record which configuration OUT/checkpoints belongs to; refuse to resume another one's run."""
-    marker = storage.join(checkpoints, "_config_hash")
-    if storage.exists(marker):
-        found = storage.read_bytes(marker).decode().strip()
-        if found != digest:
-            raise CheckpointConflictError(
-                f"{checkpoints} holds checkpoints of another training configuration or pair set"
-                f" ({found}, this run {digest}): use --overwrite or another --out"
-            )
-    else:
-        storage.write_text(marker, digest + "\n")
 
 
 def _read(checkpoint, name: str) -> bytes:
