@@ -138,7 +138,10 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("serve.max_replicas=0", "serve.max_replicas"),
         ("serve.max_queued_requests=-1", "an unbounded queue is not offered"),
         ("serve.max_ongoing_requests=2", "must be >= serve.max_batch_size"),
-        ("train.mode=both", "train.mode: 'both' must be one of differential, direct, pairwise-average, per-pair"),
+        (
+            "train.mode=both",
+            "train.mode: 'both' must be one of differential, direct, pairwise-average, per-pair, dpo",
+        ),
         ("train.zero_stage=3", "train.zero_stage: 3 must be 1 or 2"),
         ("train.rank=0", "train.rank"),
         ("train.before_steps=0", "train.before_steps"),

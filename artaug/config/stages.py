@@ -206,8 +206,8 @@ class EvaluateConfig:
 
 @section
 class TrainConfig:
-    mode: Literal["differential", "direct", "pairwise-average", "per-pair"] = "differential"
-    """differential (LoRA-1 on before, merged; LoRA-2 on after, kept), direct, pairwise-average, per-pair."""
+    mode: Literal["differential", "direct", "pairwise-average", "per-pair", "dpo"] = "differential"
+    """differential (LoRA-1 on before merged, LoRA-2 on after), direct, pairwise-average, per-pair, dpo."""
     subsets: Count = 4
     """pairwise-average: differential runs on this many disjoint pair subsets; LoRA-2 deltas averaged."""
     pair_exact_rank: Count = 64
@@ -217,9 +217,19 @@ class TrainConfig:
     fits_per_gpu: Count = 1
     """per-pair: fit actors sharing one GPU (each holds its own model copy; raise it where memory allows)."""
     steps: Count = 8
-    """Optimizer steps of the phase whose LoRA is kept (LoRA-2, on the after images); per-pair: per pair."""
+    """Steps of the phase whose LoRA is kept (LoRA-2 on the afters; per-pair: per pair; dpo: its only one)."""
     before_steps: Int = 8
     """Optimizer steps of LoRA-1 on the before images (differential, per-pair); -1 means the same as steps."""
+    # Diffusion-DPO's 5000 was set against SD's mean-over-elements noise MSE. At a fixed x_t the noise
+    # error is (1 - t) times the velocity error (noise = x_t + (1 - t) v), so the same strength on
+    # velocity errors is 5000 (1 - t)^2; E[(1 - t)^2] = 0.108 under FLUX-shifted timesteps at 1024x1024
+    # (4096 tokens, `sample_timesteps`): ~540, rounded to 500. Then a step that lowers the winner's error
+    # (against the reference) 0.004 more than the loser's moves the logit by 1, across the sigmoid's
+    # steep part: one step's change shows in the loss and the rewards. The start's gradient is beta / 4
+    # = 125 times the difference of the two flow-matching gradients, which nearly cancel for pairs that
+    # differ in a region only. An estimate, not tuned on FLUX; the tiny model's tests set their own.
+    dpo_beta: PositiveFloat = 500.0
+    """dpo: Diffusion-DPO's beta, scaled against each image's mean-over-elements squared velocity error."""
     rank: Count = 4
     """LoRA rank."""
     alpha: PositiveFloat = 8.0  # != rank on purpose: the saved LoRA must carry alpha to reproduce training
@@ -277,6 +287,8 @@ class TrainConfig:
         """(images trained on, optimizer steps) per phase, in order; the last phase's LoRA is kept."""
         if self.mode == "direct":
             return [("after", self.steps)]
+        if self.mode == "dpo":  # one phase on both sides of each pair (artaug.train.preference)
+            return [("pairs", self.steps)]
         return [("before", self.steps if self.before_steps < 0 else self.before_steps), ("after", self.steps)]
 
 

@@ -2,9 +2,10 @@
 
 Each worker holds the transformer and the whole latent cache. Phases run in order (differential:
 LoRA-1 on the before latents, then LoRA-2 on the after latents from the model with LoRA-1 merged;
-direct: LoRA-2 only). Steps are numbered globally across phases. Everything random (LoRA init,
-sample order, noise, timesteps) is a function of (seed, phase, step, micro-batch, rank), so a run
-resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+direct: LoRA-2 only; dpo: one phase on both sides of each pair; the losses: `artaug.train.objective`).
+Steps are numbered globally across phases. Everything random (LoRA init, sample order, noise,
+timesteps) is a function of (seed, phase, step, micro-batch, rank), so a run resumed from a
+checkpoint takes exactly the steps an uninterrupted run takes.
 
 A checkpoint is one folder in Ray Train's storage: `state.json` (step, loss history, restarts),
 `phase1.safetensors` once LoRA-1 is done, DeepSpeed's own files for the phase in progress (LoRA
@@ -40,7 +41,6 @@ from artaug.config import RunConfig
 from artaug.layout import METRICS_NAME, WEIGHT_NAME
 from artaug.lora.files import save_lora
 from artaug.lora.fuse import fuse_into_transformer
-from artaug.models.flow_matching import flow_matching_loss
 from artaug.models.synthesis import load_transformer
 from artaug.train.checkpoints import (
     DIVERGED,
@@ -53,6 +53,8 @@ from artaug.train.checkpoints import (
 from artaug.train.checks import nonfinite_weights, probe, weights_digest
 from artaug.train.data import CachedPairs, mix_seed, sample_indices
 from artaug.train.deepspeed_config import deepspeed_config, prepare_process
+from artaug.train.objective import Objective
+from artaug.train.preference import REWARDS, both_fell
 
 DS_TAG = "deepspeed"  # DeepSpeed's sub-folder in a checkpoint
 PHASE1_FILE = "phase1.safetensors"
@@ -97,6 +99,7 @@ class Worker:
         if self.settings.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.guidance = self.settings.guidance if self.transformer.config.guidance_embeds else None
+        self.objective = Objective(self.data, self.settings.dpo_beta, self.device, self.dtype, self.guidance)
         self.step, self.history, self.restarts, self.evals = 0, [], [], []
         self.resume_dir: str | None = None
         self.phase1_file: str | None = None
@@ -170,7 +173,7 @@ class Worker:
 
     def _train_step(self, engine, phase: int, images: str, step: int) -> None:
         started = time.perf_counter()
-        losses = []
+        losses, rewards = [], []
         for micro in range(self.settings.grad_accumulation):
             indices = sample_indices(
                 len(self.data), self.settings.seed, phase, step, micro, self.rank, self.settings
@@ -178,14 +181,16 @@ class Worker:
             generator = torch.Generator().manual_seed(
                 mix_seed(self.settings.seed, phase, step, micro, self.rank)
             )
-            loss = self._micro_batch_loss(engine, images, indices, generator)
+            loss, reward = self.objective(engine, images, indices, generator)
             engine.backward(loss)
             engine.step()
-            losses.append(loss.detach().float())
-        reduced = torch.stack([torch.stack(losses).mean(), nonfinite_weights(self.transformer)])
-        reduced = reduced.to(self.device)
+            losses.append(loss.detach().float().cpu())
+            rewards.append(reward)
+        reduced = torch.cat([torch.stack([torch.stack(losses).mean(), nonfinite_weights(self.transformer)]),
+                             torch.stack(rewards).mean(0)]).to(self.device)  # fmt: skip
         dist.all_reduce(reduced)
         loss, bad_weights = reduced[0].item() / self.world, int(reduced[1].item())
+        mean_rewards = dict(zip(REWARDS, (r / self.world for r in reduced[2:].tolist()), strict=False))
         if not math.isfinite(loss) or bad_weights:
             self.diverged = {"step": step, "phase": phase + 1, "images": images, "loss": loss,
                              "bad_tensors": bad_weights}  # fmt: skip
@@ -193,6 +198,7 @@ class Worker:
             "step": step,
             "phase": images,
             "loss": loss,
+            **mean_rewards,  # dpo: the implicit rewards (artaug.train.preference)
             "seconds": round(time.perf_counter() - started, 4),
             "samples": self.world * self.settings.micro_batch_size * self.settings.grad_accumulation,
             "time": round(time.time(), 3),  # wall clock when the step ended
@@ -200,55 +206,26 @@ class Worker:
         self.history.append(entry)
         self.step = step
         if self.rank == 0:
-            log.info(
-                "step %d/%d (%s images) loss %.5f %.3f s/step",
-                step,
-                self.total,
-                images,
-                entry["loss"],
-                entry["seconds"],
-            )
-
-    def _micro_batch_loss(self, engine, images: str, indices: list[int], generator) -> torch.Tensor:
-        """Mean loss over the micro-batch; latents of different sizes are run in separate passes."""
-        by_shape: dict[tuple, list[int]] = {}
-        for i in indices:
-            by_shape.setdefault(tuple(self.data.latents[images][i].shape), []).append(i)
-        total = 0
-        for group in by_shape.values():
-            latents = torch.stack([self.data.latents[images][i] for i in group])
-            embeds = torch.stack([self.data.prompt_embeds[i] for i in group])
-            pooled = torch.stack([self.data.pooled[i] for i in group])
-            loss = flow_matching_loss(
-                engine,
-                latents.to(self.device, self.dtype),
-                embeds.to(self.device, self.dtype),
-                pooled.to(self.device, self.dtype),
-                generator,
-                self.guidance,
-            )
-            total = total + loss * len(group)
-        return total / len(indices)
+            shown = "".join(f" {key} {value:.5g}" for key, value in mean_rewards.items())
+            log.info("step %d/%d (%s) loss %.5f%s %.3f s/step", step, self.total, images, loss, shown,
+                     entry["seconds"])  # fmt: skip
 
     @torch.no_grad()
     def _evaluate(self, images: str, samples: int = 4) -> None:
         """Rank 0: loss on the first cached pairs with fixed noise and timesteps, comparable across steps."""
         if self.rank != 0:
             return
-        losses = []
+        losses, rewards = [], []
         for i in range(min(samples, len(self.data))):
             generator = torch.Generator().manual_seed(mix_seed(self.settings.seed, 0xE7A1, i))
-            loss = flow_matching_loss(
-                self.transformer,
-                self.data.latents[images][i][None].to(self.device, self.dtype),
-                self.data.prompt_embeds[i][None].to(self.device, self.dtype),
-                self.data.pooled[i][None].to(self.device, self.dtype),
-                generator,
-                self.guidance,
-            )
+            loss, reward = self.objective(self.transformer, images, [i], generator)
             losses.append(loss.item())
-        self.evals.append({"step": self.step, "phase": images, "loss": sum(losses) / len(losses)})
-        log.info("step %d: fixed-noise loss on %s images %.5f", self.step, images, self.evals[-1]["loss"])
+            rewards.append(reward)
+        mean_rewards = zip(REWARDS, torch.stack(rewards).mean(0).tolist(), strict=False)  # dpo only
+        self.evals.append(
+            {"step": self.step, "phase": images, "loss": sum(losses) / len(losses), **dict(mean_rewards)}
+        )
+        log.info("step %d: fixed-noise loss on %s %.5f", self.step, images, self.evals[-1]["loss"])
 
     def _end_phase1(self, engine, index: int) -> None:
         """Save LoRA-1, merge it into the base from that file (as a resumed run does), checkpoint."""
@@ -269,6 +246,8 @@ class Worker:
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different LoRA weights after training: {digests}")
         files = {}
+        if self.rank == 0 and (warning := both_fell(self.history)):
+            log.warning(warning)
         if self.rank == 0:
             files[WEIGHT_NAME] = lambda path: save_lora(
                 path, weights, self.lora_config, self._metadata("final")
@@ -343,6 +322,7 @@ class Worker:
             "rank": self.settings.rank,
             "alpha": self.settings.alpha,
             "mode": self.settings.mode,
+            **({"dpo_beta": self.settings.dpo_beta} if self.settings.mode == "dpo" else {}),
             "lora": "LoRA-1 (before images, discarded)" if which == "phase1" else "LoRA-2 (kept)",
             "steps": self.step,
             "config_hash": self.config_hash,
