@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Each builds .venv from the project's own files first
 # (scripts/install.sh is idempotent: a second run takes seconds).
-.PHONY: install run test test-quick bench lint method-check
+.PHONY: install run test test-quick bench bench-scale lint method-check
 
 install:
 	bash scripts/install.sh
@@ -17,6 +17,10 @@ test-quick: install
 
 bench: install
 	.venv/bin/python benchmarks/generate_throughput.py
+
+# Prompt files and the generate stage against size (docs/benchmarks.md, "Scale"); about 7 minutes.
+bench-scale: install
+	.venv/bin/python benchmarks/scale.py
 
 lint: install
 	.venv/bin/ruff check artaug tests benchmarks && .venv/bin/ruff format --check artaug tests benchmarks && .venv/bin/lint-imports

@@ -3,14 +3,14 @@
 Structured files need a `prompt` column and may carry `prompt_id`, `seed`, `width`, `height`,
 `steps` and `guidance` per row. Blank prompts are skipped and counted.
 
-Streamed and bounded: the file is read a line (Parquet: a few rows) at a time, and reading stops at
-`limit` prompts, so `loop.max_prompts: 8` reads eight prompts of a file of any size. Every row is
-checked as it is read, so a bad file is refused before a stage, a run directory or Ray starts, with
-the file and the line (Parquet: row) in one line: text must be UTF-8 without lone surrogates, a line
-at most MAX_LINE_BYTES, a prompt at most MAX_PROMPT_CHARS; a prompt_id at most 128 characters
-without path separators, control characters or a leading "."; per-row settings finite numbers
-within the generate section's bounds (seed in [0, 2**63), sides multiples of 16 up to max_side,
-steps up to max_steps, guidance up to max_guidance).
+Streamed and bounded: the file is read a line (Parquet: a page, never a whole row group) at a time,
+and reading stops at `limit` prompts, so `loop.max_prompts: 8` reads eight prompts of a file of any
+size (benchmarks/scale.py measures it). Every row is checked as it is read, so a bad file is refused
+before a stage, a run directory or Ray starts, with the file and the line (Parquet: row) in one line:
+text must be UTF-8 without lone surrogates, a line at most MAX_LINE_BYTES, a prompt at most
+MAX_PROMPT_CHARS; a prompt_id at most 128 characters without path separators, control characters or
+a leading "."; per-row settings finite numbers within the generate section's bounds (seed in
+[0, 2**63), sides multiples of 16 up to max_side, steps up to max_steps, guidance up to max_guidance).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ MAX_LINE_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 100_000
 MAX_ID_CHARS = 128
 PARQUET_BATCH = 256
+PARQUET_BUFFER = 1 << 20
 
 
 class PromptFileError(ArtaugError, ValueError):
@@ -128,7 +129,9 @@ def _csv_records(lines: Iterator[tuple[int, str]], path: str) -> Iterator[tuple[
 
 def _parquet_records(f, path: str) -> Iterator[tuple[int, dict]]:
     try:
-        parquet = pq.ParquetFile(f)
+        # pyarrow's default pre-buffers each row group whole (pyarrow's writers put 1 Mi rows in one:
+        # ~100 MB of prompts read for the first 4); without it, pages are read through a 1 MiB buffer.
+        parquet = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_BUFFER)
         names = parquet.schema_arrow.names
         if "prompt" not in names:
             raise PromptFileError(

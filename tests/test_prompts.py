@@ -1,9 +1,13 @@
 import json
+import os
 
+import fsspec
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from artaug import storage
 from artaug.prompts import PromptFileError, read_prompts
 
 
@@ -64,3 +68,37 @@ def test_bad_prompt_files(tmp_path, name, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(PromptFileError, match="not found"):
         read_prompts(str(tmp_path / "nope.txt"))
+
+
+class _CountingFiles(pafs.FSSpecHandler):
+    """Local files whose bytes read are counted (`read_bytes`)."""
+
+    def __init__(self):
+        super().__init__(fsspec.filesystem("file"))
+        self.read_bytes = 0
+
+    def open_input_file(self, path):
+        f = self.fs.open(path, "rb")
+        read = f.read
+
+        def counted(*args):
+            data = read(*args)
+            self.read_bytes += len(data)
+            return data
+
+        f.read = counted
+        return pa.PythonFile(f, mode="r")
+
+
+def test_the_first_prompts_of_a_large_parquet_row_group_read_little_of_it(tmp_path, monkeypatch):
+    """pyarrow pre-buffers a whole row group by default (1 Mi rows: ~100 MB of prompts): reading the
+    first prompts must read pages, not the row group (benchmarks/scale.py measures the memory)."""
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"prompt": [f"{i} {os.urandom(40).hex()}" for i in range(100_000)]}), path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    files = _CountingFiles()
+    monkeypatch.setattr(storage, "resolve", lambda p: (pafs.PyFileSystem(files), str(p)))
+    assert len(read_prompts(str(path), limit=4).rows) == 4
+    size = path.stat().st_size
+    assert files.read_bytes < size / 3, (files.read_bytes, size)
+    assert len(read_prompts(str(path)).rows) == 100_000 and files.read_bytes > size  # counted: all read
