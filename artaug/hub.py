@@ -40,8 +40,9 @@ _UNUSED = [
 ]
 
 
-# Model sources artaug builds itself (models/tiny.py, models/world_flux.py): never fetched.
-BUILT_IN_MODELS = ("tiny", "world")
+# Model sources artaug builds itself (models/tiny.py, models/world_flux.py, models/flux_shapes.py):
+# never fetched.
+BUILT_IN_MODELS = ("tiny", "world", "flux-dev-shapes")
 
 
 def looks_local(source: str) -> bool:

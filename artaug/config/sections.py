@@ -78,8 +78,8 @@ class HubConfig:
 @section
 class ModelConfig:
     source: Name = "tiny"
-    """Synthesis model: a hub id, a local folder saved by save_pretrained, "tiny" (random, built in memory)
-    or "world" (the miniature world's pretrained model, shipped with artaug)."""
+    """Synthesis model: a hub id, a local folder saved by save_pretrained, "tiny" (random, built in memory),
+    "world" (the miniature world's model, shipped) or "flux-dev-shapes" (FLUX.1-dev's widths, random)."""
     revision: Text = ""
     """Hub revision (commit or tag) to pin; empty means the default branch."""
     loras: Texts = field(default_factory=list)
@@ -93,7 +93,9 @@ class ModelConfig:
     max_sequence_length: Annotated[Int, Field(ge=1, le=512), Why("FLUX's T5 limit")] = 64
     """T5 token budget per prompt; longer prompts are truncated with a recorded warning."""
     tiny_seed: Int = 0
-    """Seed of the randomly initialised weights when source is "tiny"."""
+    """Seed of the randomly initialised weights when source is "tiny" or "flux-dev-shapes"."""
+    cache_dir: Text = "~/.cache/artaug"
+    """Where source "flux-dev-shapes" is built once (~2 GB of bf16 weights) and read by every process."""
 
 
 @section

@@ -1,6 +1,7 @@
 """The synthesis model (a FLUX pipeline): which weights a run means, and loading them.
 
-`source` is a hub id, a local folder written by save_pretrained, "tiny" or "world" (built in code). A
+`source` is a hub id, a local folder written by save_pretrained, or built in code: "tiny", "world" or
+"flux-dev-shapes" (FLUX.1-dev's widths, depth cut, saved once into `cache_dir`: models/flux_shapes.py). A
 local folder is read with local_files_only, so it never touches the network; a missing one fails
 before Ray starts (`check_source`), naming the path. The LoRAs of `ModelConfig.loras` are fused in
 order on load (`lora.fuse.FusedWeights`, from the pristine weights); which LoRAs a model carries is
@@ -23,6 +24,7 @@ from artaug.config import ModelConfig
 from artaug.errors import ArtaugError
 from artaug.hub import BUILT_IN_MODELS, looks_local
 from artaug.lora.fuse import FusedWeights, lora_layers
+from artaug.models import flux_shapes
 from artaug.models.tiny import build_tiny_flux
 from artaug.models.world_flux import build_world_flux
 
@@ -71,8 +73,17 @@ def _from_source(cls, cfg: ModelConfig, dtype: torch.dtype, **kwargs):
     return cls.from_pretrained(cfg.source, dtype=dtype, revision=cfg.revision or None, **kwargs)
 
 
+def _saved_once(cfg: ModelConfig) -> ModelConfig:
+    """cfg reading "flux-dev-shapes" from its folder under cfg.cache_dir (built there on first use)."""
+    folder = flux_shapes.cached_flux_dev_shapes(cfg.cache_dir, cfg.tiny_seed)
+    return dataclasses.replace(cfg, source=folder, revision="")
+
+
 def _built_in_pipeline(cfg: ModelConfig, dtype: torch.dtype):
-    """The "tiny" random pipeline or the miniature world's pretrained one, built in memory."""
+    """The "tiny" random pipeline or the miniature world's pretrained one, built in memory; the
+    FLUX.1-dev-shaped one read from the folder it was saved to once."""
+    if cfg.source == flux_shapes.SOURCE:
+        return _from_source(FluxPipeline, _saved_once(cfg), dtype)
     pipe = build_world_flux() if cfg.source == "world" else build_tiny_flux(cfg.tiny_seed)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
@@ -122,7 +133,9 @@ def host_pipeline(host: ModelCache | None, model: ModelConfig):
 def load_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     """The FLUX transformer alone, with cfg.loras fused in order: the base a training round starts from."""
     check_source(cfg)
-    if cfg.source in BUILT_IN_MODELS:
+    if cfg.source == flux_shapes.SOURCE:
+        transformer = _from_source(FluxTransformer2DModel, _saved_once(cfg), dtype, subfolder="transformer")
+    elif cfg.source in BUILT_IN_MODELS:
         transformer = _built_in_pipeline(cfg, torch.float32).transformer
     else:
         transformer = _from_source(FluxTransformer2DModel, cfg, dtype, subfolder="transformer")

@@ -1,0 +1,176 @@
+"""FLUX.1-dev's real shapes through the real stages on a CPU (preset flux-dev-shapes).
+
+Every component is built at FLUX.1-dev's published widths with the depth cut (models/flux_shapes.py):
+generate at 256 px, enhance with one region, train one step per phase with gradient checkpointing,
+fuse, and serve one request, all in bfloat16 on the session's Ray. The model is built once into
+model.cache_dir (the first run writes ~2 GB there). Images are noise: only shapes and paths are real.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from artaug import storage
+from artaug.cli import main as cli
+from artaug.config import load_config
+from artaug.layout import TrainOutput
+from artaug.lora.files import check_finite, check_fits, read_metadata
+from artaug.models.flux_shapes import cached_flux_dev_shapes
+from artaug.models.sampling import Job, sample
+from artaug.models.synthesis import load_pipeline
+from artaug.rows import CRITIQUE
+from artaug.stages.contract import read_stage
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.heavy
+
+PROMPT = "a lighthouse on a cliff at dusk"
+REGION = {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a tall white lighthouse"}
+SIDE = 256
+PACKED_TOKENS = (SIDE // 16) ** 2  # one token per 2x2 patch of the 1/8 latent
+# One optimizer step at flux-dev's learning rate (1e-4) moves bf16 weights by less than their rounding
+# step: the test trains at 1e-2 so that the fused model visibly differs from the base. Rank 4, not 16:
+# fusing costs one fp32 pass over each targeted weight per rank (lora/fuse.py), measured at ~20 s for
+# rank 16 on 2 threads at these widths; the shapes that matter here are the widths, not the rank.
+RANK = 4
+TRAIN_SETTINGS = [f"train.learning_rate={0.01}", f"train.rank={RANK}", f"train.alpha={RANK}"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """This process computes only while the stages' processes wait: it may take both cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shapes_config(**overrides):
+    return load_config("flux-dev-shapes", overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def model_folder() -> str:
+    """The FLUX.1-dev-shaped model, built once into model.cache_dir (every stage below reads it)."""
+    model = shapes_config().model
+    return cached_flux_dev_shapes(model.cache_dir, model.tiny_seed)
+
+
+def test_what_reaches_the_transformer_has_flux_devs_shapes(model_folder):
+    pipe = load_pipeline(shapes_config().model)
+    transformer = pipe.transformer
+    assert transformer.dtype == torch.bfloat16 and transformer.inner_dim == 3072
+    assert (len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)) == (1, 1)
+    assert pipe.text_encoder_2.config.d_model == 4096 and pipe.text_encoder.config.hidden_size == 768
+    assert pipe.vae.config.latent_channels == 16 and list(pipe.vae.config.block_out_channels)[-1] == 512
+    assert pipe.text_encoder_2.get_input_embeddings().num_embeddings == 32128
+    seen = []
+    hook = transformer.register_forward_pre_hook(lambda _, a, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        (image,) = sample(pipe, [Job(PROMPT, 0)], SIDE, SIDE, steps=1, guidance=3.5)
+    finally:
+        hook.remove()
+    assert image.size == (SIDE, SIDE)
+    (inputs,) = seen
+    assert inputs["hidden_states"].shape == (1, PACKED_TOKENS, 64)  # 16 latent channels x 2x2, packed
+    assert inputs["encoder_hidden_states"].shape == (1, 512, 4096)  # T5's 512 tokens, padded
+    assert inputs["pooled_projections"].shape == (1, 768)
+    assert inputs["guidance"].tolist() == [3.5]
+    # The guidance embedding is used: another guidance, another prediction.
+    with torch.inference_mode():
+        outputs = [
+            transformer(**{**inputs, "guidance": torch.full_like(inputs["guidance"], g)})[0]
+            for g in (1.0, 3.5)
+        ]
+    assert outputs[0].shape == (1, PACKED_TOKENS, 64)
+    assert not torch.equal(*outputs) and torch.isfinite(outputs[1].float()).all()
+    with torch.inference_mode():
+        latent = pipe.vae.encode(torch.zeros(1, 3, SIDE, SIDE, dtype=torch.bfloat16)).latent_dist.mode()
+    assert latent.shape == (1, 16, SIDE // 8, SIDE // 8)
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, model_folder, tmp_path_factory) -> dict:
+    """generate (one prompt), a hand-written critique with one region, enhance, train: the stages'
+    CLI commands at the preset's sizes; yields the folders."""
+    root = tmp_path_factory.mktemp("real-shapes")
+    (root / "prompts.txt").write_text(PROMPT + "\n")
+    preset = ["--preset", "flux-dev-shapes"]
+    assert cli(["generate", "--prompts", str(root / "prompts.txt"), "--out", str(root), *preset]) == 0
+    rows = read_stage(str(root / "generate"), columns=["prompt_id", "prompt", "seed", "round"]).to_pylist()
+    critique = {"assessment": "", "rating": 5, "adjustments": [], "regions": [REGION],
+                "rewritten_prompt": "", "rejected_regions": []}  # fmt: skip
+    rows = [{**r, "status": "ok", "critique": json.dumps(critique), "backend": "test"} for r in rows]
+    (root / "critique").mkdir()
+    table = pa.Table.from_pylist([{n: r.get(n) for n in CRITIQUE.names} for r in rows], schema=CRITIQUE)
+    pq.write_table(table, root / "critique" / "part.parquet")
+    storage.mark_complete(str(root / "critique"), {"rows": len(rows)})
+    args = ["enhance", "--images", str(root), "--critiques", str(root), "--out", str(root), *preset]
+    assert cli(args) == 0
+    train = str(root / "train")
+    settings = [arg for setting in TRAIN_SETTINGS for arg in ("--set", setting)]
+    assert cli(["train", "--pairs", str(root / "enhance"), "--out", train, *preset, *settings]) == 0
+    return {"root": str(root), "train": TrainOutput(train)}
+
+
+def test_generate_and_enhance_at_256_pixels(run):
+    (image,) = read_stage(f"{run['root']}/generate").to_pylist()
+    assert Image.open(io.BytesIO(image["image"])).size == (SIDE, SIDE)
+    (pair,) = read_stage(f"{run['root']}/enhance").to_pylist()
+    assert pair["mode"] == "regional" and not pair["unchanged"] and not pair["error"]
+    assert json.loads(pair["regions"]) == [REGION]
+    before, after = (np.asarray(Image.open(io.BytesIO(pair[k]))) for k in ("before", "after"))
+    assert before.shape == after.shape == (SIDE, SIDE, 3) and not np.array_equal(before, after)
+
+
+def test_training_caches_real_shapes_and_its_lora_loads_back(run):
+    (row,) = read_stage(run["train"].latents).to_pylist()
+    assert row["dtype"] == "bfloat16" and row["skipped"] is None
+    assert row["latent_shape"] == [16, SIDE // 8, SIDE // 8] and row["text_shape"] == [512, 4096]
+    lora = run["train"].lora
+    metadata = read_metadata(lora)
+    assert metadata["steps"] == 2 and metadata["base_model"] == "flux-dev-shapes"  # one step per phase
+    weights = check_finite(lora)
+    assert {t.shape for k, t in weights.items() if "lora_A" in k} >= {(RANK, 3072)}
+    pipe = load_pipeline(shapes_config().model)
+    check_fits(lora, {"transformer": pipe.transformer})  # every key names a layer of the right shape
+
+
+def test_fused_model_is_served(run, model_folder, tmp_path):
+    from ray import serve
+
+    from artaug.serve.app import build_app
+    from artaug.serve.launch import resolve_config
+
+    fused = str(tmp_path / "fused")
+    assert cli(["fuse", "--preset", "flux-dev-shapes", "--base", "flux-dev-shapes",
+                "--lora", run["train"].lora, "--out", fused]) == 0  # fmt: skip
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    with safe_open(f"{fused}/{name}", "pt") as new, safe_open(f"{model_folder}/{name}", "pt") as old:
+        changed = [k for k in old.keys() if not torch.equal(old.get_tensor(k), new.get_tensor(k))]
+    assert any("norm1.linear" in k for k in changed)  # a modulation layer, as flux-dev targets
+    assert any("single_transformer_blocks" in k for k in changed)
+    port, app = free_port(), "artaug-real-shapes"
+    cfg = resolve_config(preset="flux-dev-shapes", overrides=[
+        f"model.source={fused}", f"serve.port={port}", f"serve.app_name={app}"])  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(cfg), name=app, route_prefix="/")
+        body = {"prompt": PROMPT, "seed": 3, "size": f"{SIDE}x{SIDE}", "steps": 2}
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/images/generations", json=body, timeout=300)
+        assert answer.status_code == 200, answer.text
+        (data,) = answer.json()["data"]
+        assert Image.open(io.BytesIO(base64.b64decode(data["b64_json"]))).size == (SIDE, SIDE)
+    finally:
+        serve.shutdown()
