@@ -174,3 +174,66 @@ def test_fused_model_is_served(run, model_folder, tmp_path):
         assert Image.open(io.BytesIO(base64.b64decode(data["b64_json"]))).size == (SIDE, SIDE)
     finally:
         serve.shutdown()
+
+
+def test_qwen25_vl_critic_reads_a_1024_pixel_image_as_the_real_processor_does(tmp_path):
+    """Qwen2.5-VL's released processor and vision width (critique.model tiny-qwen2.5-vl) served by vLLM:
+    a 1024x768 image reaches the model as the processor's 1,036x756 resize (999 image tokens), the
+    prompt vLLM counts is the processor's, and the pixel boxes are read at that resized size."""
+    from transformers import AutoProcessor
+
+    from artaug.critic.answers import read_answer, request_for
+    from artaug.critic.backends import critic_model, critique_task
+    from artaug.critic.openai_backend import Endpoint, OpenAICritic, request_body
+    from artaug.critic.server import start_server, stop_server, wait_ready
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{
+        "critique.model": "tiny-qwen2.5-vl", "critique.box_format": "pixels",
+        "critique.image_max_side": 1024, "critique.max_model_len": 4096,
+    }).critique  # fmt: skip
+    model = critic_model(cfg)
+    processor = AutoProcessor.from_pretrained(model)
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    size = processor.image_processor.size  # min/max pixels, as transformers now names them
+    assert (size["shortest_edge"], size["longest_edge"]) == (3136, 12845056)
+    pixels = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    ids = {"prompt_id": "p0", "seed": 0, "round": 1, "prompt": PROMPT}
+    request = {**request_for(ids, image, cfg), **ids}
+    assert (request["box_scale_w"], request["box_scale_h"]) == (1036, 756)
+
+    messages, schema = critique_task("pixels").request(request)
+    chat = [  # the processor's chat template takes an image placeholder where the request has a data URL
+        {**m, "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]}
+        if isinstance(m["content"], list) else m
+        for m in messages
+    ]  # fmt: skip
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    encoded = processor(text=[text], images=[image], return_tensors="pt")
+    assert encoded["image_grid_thw"].tolist() == [[1, 756 // 14, 1036 // 14]]  # patch 14, 1,036 x 756
+    image_tokens = int((encoded["input_ids"] == processor.image_token_id).sum())
+    assert image_tokens == (756 // 28) * (1036 // 28) == 999  # 2x2 merge
+
+    log = str(tmp_path / "server.log")
+    process, url = start_server(model, cfg, port=free_port(), log_path=log, api_key="shapes")
+    try:
+        wait_ready(process, url, timeout_s=600, log_path=log)
+        headers = {"Authorization": "Bearer shapes"}
+        served = requests.get(f"{url}/models", headers=headers, timeout=30).json()["data"][0]["id"]
+        body = request_body(cfg, served, messages, schema, "critique")
+        reply = requests.post(f"{url}/chat/completions", json=body, headers=headers, timeout=600)
+        assert reply.json()["usage"]["prompt_tokens"] == encoded["input_ids"].shape[1]
+
+        critic = OpenAICritic(cfg, critique_task("pixels"), Endpoint(url, key="shapes"))
+        (answer,) = critic(pa.Table.from_pylist([request])).to_pylist()
+    finally:
+        stop_server(process)
+    assert answer["error"] is None and answer["raw"], answer["error"]
+    boxes = [region["box"] for region in json.loads(answer["raw"])["regions"]]
+    assert all(0 <= v <= 1036 for box in boxes for v in box), boxes  # the decoder's bound: resized pixels
+    read = read_answer(answer, "pixels")  # an untrained model's text may break the schema's other rules
+    assert read["status"] in ("ok", "invalid"), read["error"]
+    if read["status"] == "ok":
+        for region in json.loads(read["critique"])["regions"]:  # pixel boxes mapped to 0-1 of the image
+            assert all(0.0 <= v <= 1.0 for v in region["box"]), region

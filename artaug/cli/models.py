@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from artaug.cli.options import add_config_options, load
+from artaug.config import BUILT_IN_VLMS
 from artaug.errors import ArtaugError
 
 
@@ -22,6 +23,7 @@ def add_commands(commands) -> None:
     tiny_vlm = sub.add_parser("build-tiny-vlm", help="build and save the tiny random Qwen2-VL")
     tiny_vlm.add_argument("dir", help="folder to save the model into")
     tiny_vlm.add_argument("--seed", type=int, default=0, help="weights seed")
+    tiny_vlm.add_argument("--family", choices=BUILT_IN_VLMS, default="tiny", help="Qwen2-VL or Qwen2.5-VL")
     tiny_vlm.set_defaults(func=cmd_build_tiny_vlm)
 
     prefetch = sub.add_parser(
@@ -50,8 +52,8 @@ def cmd_build_tiny(args) -> int:
 def cmd_build_tiny_vlm(args) -> int:
     from artaug.critic.tiny_vlm import build_tiny_vlm
 
-    build_tiny_vlm(args.dir, seed=args.seed)
-    print(f"tiny Qwen2-VL saved to {args.dir}")
+    build_tiny_vlm(args.dir, seed=args.seed, family=args.family)
+    print(f"built-in VLM {args.family} saved to {args.dir}")
     return 0
 
 

@@ -24,6 +24,7 @@ from artaug.config.sections import (
     ServeConfig,
 )
 from artaug.config.stages import (
+    BUILT_IN_VLMS,
     CritiqueConfig,
     EvaluateConfig,
     FilterConfig,
@@ -34,6 +35,7 @@ from artaug.config.stages import (
 )
 
 __all__ = [
+    "BUILT_IN_VLMS",
     "PRESETS",
     "RENAMED",
     "ConfigError",

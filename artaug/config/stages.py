@@ -33,6 +33,9 @@ from artaug.config.base import (
 from artaug.config.messages import Invalid, Why
 from artaug.config.sections import Device, Resources, cpu_only
 
+# critique.model values that name a VLM built in code, not a hub id or folder (critic/tiny_vlm.py)
+BUILT_IN_VLMS = ("tiny", "tiny-qwen2.5-vl")
+
 
 @section
 class CritiqueConfig:
@@ -41,7 +44,7 @@ class CritiqueConfig:
     without a model: "heuristic" (pixel statistics), "world" (the miniature world's critic), "random"
     (its control: random suggestions) or "silent" (asks for nothing)."""
     model: Name = "tiny"
-    """VLM: a hub id, a local folder, or "tiny" (a tiny random Qwen2-VL built once into cache_dir)."""
+    """VLM: hub id, folder, "tiny" (random Qwen2-VL) or "tiny-qwen2.5-vl" (its real processor; cache_dir)."""
     box_format: Literal["norm1000", "pixels"] = "norm1000"
     """Box coordinates the model emits: "norm1000" (Qwen2-VL, 0-1000) or "pixels" (Qwen2.5-VL)."""
     image_max_side: Count = 64

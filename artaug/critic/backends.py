@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from artaug.config import CritiqueConfig
+from artaug.config import BUILT_IN_VLMS, CritiqueConfig
 from artaug.critic.answers import ANSWER, answer_row
 from artaug.critic.heuristic import heuristic_critique
 from artaug.critic.instruction import chat_messages
@@ -63,10 +63,10 @@ def critique_task(box_format: str) -> Task:
 
 def critic_model(cfg: CritiqueConfig, tiny_seed: int = 0) -> str:
     """The model a vllm backend loads: a hub id, a checked local folder, or the built tiny VLM."""
-    if cfg.model == "tiny":
+    if cfg.model in BUILT_IN_VLMS:
         from artaug.critic.tiny_vlm import ensure_tiny_vlm  # transformers' Qwen2-VL: seconds to import
 
-        return ensure_tiny_vlm(cfg.cache_dir, seed=tiny_seed)
+        return ensure_tiny_vlm(cfg.cache_dir, seed=tiny_seed, family=cfg.model)
     local = os.path.expanduser(cfg.model)
     if cfg.model.startswith(("/", "./", "../", "~")) and not os.path.isfile(
         os.path.join(local, "config.json")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import requests
 
-from artaug.config import CritiqueConfig
+from artaug.config import BUILT_IN_VLMS, CritiqueConfig
 from artaug.critic.answers import answers_table
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ class Client:
 
 
 def served_model(cfg: CritiqueConfig, client: Client) -> str:
-    """The model name to ask for: config model, or the endpoint's only model for "tiny"/local paths."""
-    if cfg.model != "tiny" and not os.path.exists(os.path.expanduser(cfg.model)):
+    """The model name to ask for: config model, or the endpoint's only model for built-in/local ones."""
+    if cfg.model not in BUILT_IN_VLMS and not os.path.exists(os.path.expanduser(cfg.model)):
         return cfg.model
     try:
         return client.get("/models").json()["data"][0]["id"]

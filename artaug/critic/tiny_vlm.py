@@ -1,9 +1,14 @@
-"""A tiny, randomly initialised Qwen2-VL saved like a hub checkpoint, so vLLM serves it on CPU.
+"""Tiny, randomly initialised Qwen VLMs saved like hub checkpoints, so vLLM serves them on CPU.
 
-It has Qwen2-VL's structure (vision tower with 2x2 patch merging, M-RoPE text decoder, the image
-placeholder tokens and a Qwen-style chat template) at a size that starts in seconds. Its tokenizer is
-a byte-level BPE trained in code on the words a critique uses, so JSON answers take few tokens.
-Untrained, it says nothing meaningful: it exercises the real serving and structured-output paths.
+`tiny` (critique.model): Qwen2-VL's structure (vision tower with 2x2 patch merging, M-RoPE text
+decoder, the image placeholder tokens and a Qwen-style chat template) at a size that starts in
+seconds. `tiny-qwen2.5-vl`: Qwen2.5-VL with its processor at the released values (patch 14, merge 2,
+min/max pixels, so a 1024-pixel image becomes 1,369 image tokens as on a cluster) and its vision
+tower at Qwen2.5-VL-7B's width (1280, 16 heads, MLP 3420; two blocks: one windowed, one full
+attention), under the tiny text decoder: the shapes of the real critic's image path at a cost a CPU
+can pay. Their tokenizer is a byte-level BPE trained in code on the words a critique uses, so JSON
+answers take few tokens. Untrained, they say nothing meaningful: they exercise the real serving,
+image-processing and structured-output paths.
 
     artaug models build-tiny-vlm ./tiny-vlm
 """
@@ -17,6 +22,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
@@ -24,6 +32,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+from artaug.config import BUILT_IN_VLMS
 from artaug.critic.instruction import instruction
 from artaug.critic.schema import ADJUSTMENT_ASPECTS, DIRECTIONS
 from artaug.models.cache import build_once
@@ -53,6 +62,13 @@ CHAT_TEMPLATE = (
 
 MIN_PIXELS = 28 * 28
 MAX_PIXELS = 56 * 56  # keeps an image to a handful of tokens
+# Qwen2.5-VL-7B-Instruct's released preprocessor and vision tower (config.json, preprocessor_config.json)
+QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS = 3136, 12845056
+QWEN25_VISION = dict(
+    hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=112, hidden_act="silu",
+)  # fmt: skip
+FOLDERS = dict(zip(BUILT_IN_VLMS, ("tiny-qwen2-vl-v1", "tiny-qwen2.5-vl-v1"), strict=True))  # cache names
 
 
 def _corpus() -> list[str]:
@@ -81,51 +97,56 @@ def build_tokenizer():
     )
 
 
-def build_tiny_vlm(directory: str, seed: int = 0) -> str:
-    """Build, save (safetensors, tokenizer, processor, chat template) and return the folder."""
+def _text_config(ids: dict, vocab: int) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # head_dim 32: vLLM's CPU attention needs >= 32
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+
+
+def build_tiny_vlm(directory: str, seed: int = 0, family: str = "tiny") -> str:
+    """Build, save (safetensors, tokenizer, processor, chat template) and return the folder; `family`:
+    "tiny" (Qwen2-VL) or "tiny-qwen2.5-vl" (Qwen2.5-VL's processor and vision width)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIALS}
-    vocab = len(tokenizer)
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,  # head_dim 32: vLLM's CPU attention needs >= 32
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=64,
-            hidden_size=128,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+    tokens = dict(
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+    text = _text_config(ids, len(tokenizer))
+    if family == "tiny-qwen2.5-vl":
+        vision = dict(QWEN25_VISION, depth=2, fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        pixels = dict(min_pixels=QWEN25_MIN_PIXELS, max_pixels=QWEN25_MAX_PIXELS)
+    else:
+        vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_class, processor_class = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        pixels = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     config.eos_token_id = ids["<|im_end|>"]
     config.pad_token_id = ids["<|endoftext|>"]
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+    processor = processor_class(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
@@ -133,6 +154,8 @@ def build_tiny_vlm(directory: str, seed: int = 0) -> str:
     return directory
 
 
-def ensure_tiny_vlm(cache_dir: str, seed: int = 0) -> str:
-    """The tiny VLM's folder under cache_dir, built on first use."""
-    return build_once(cache_dir, f"tiny-qwen2-vl-v1-seed{seed}", lambda folder: build_tiny_vlm(folder, seed))
+def ensure_tiny_vlm(cache_dir: str, seed: int = 0, family: str = "tiny") -> str:
+    """The tiny VLM's folder under cache_dir (`family`: one of BUILT_IN_VLMS), built on first use."""
+    return build_once(
+        cache_dir, f"{FOLDERS[family]}-seed{seed}", lambda folder: build_tiny_vlm(folder, seed, family)
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from artaug import stats
-from artaug.config import RunConfig
+from artaug.config import BUILT_IN_VLMS, RunConfig
 from artaug.critic.judge import judge_metrics
 from artaug.stages.scoring import score_columns
 
@@ -22,7 +22,7 @@ def overlap_warnings(cfg: RunConfig, filter_scorers: list[str]) -> list[str]:
             f"evaluation scorers {shared} are ones the filter selected pairs with: their gains partly measure"
             " the selection itself; prefer scorers the filter did not use"
         )
-    same_tiny = cfg.evaluate.judge_model == "tiny" and cfg.critique.model == "tiny"
+    same_tiny = cfg.critique.model in BUILT_IN_VLMS  # the judge's own seed: another random model
     if cfg.evaluate.judge and cfg.evaluate.judge_model == cfg.critique.model and not same_tiny:
         warnings.append(
             f"the judge is the critic's model ({cfg.critique.model}): it may favour its own advice"
