@@ -65,9 +65,16 @@ VARIANTS = {  # name -> (train.mode, trained on the null pairs)
     "differential": ("differential", False),
     "direct": ("direct", False),
     "pairwise-average": ("pairwise-average", False),
+    "per-pair": ("per-pair", False),
+    "dpo": ("dpo", False),
     "LoRA-1 alone (control)": ("direct", True),
     "null enhancement (control)": ("differential", True),
 }
+# A mode's own settings on top of the preset's, fixed before any result. per-pair fits one image per
+# phase: 10 steps of 4 noise draws each (the preset's micro-batch) per phase and pair, where the other
+# modes take the preset's 40 steps per phase over all pairs; its cost column shows what that costs.
+# dpo keeps the defaults a user gets: its one phase of the preset's 40 steps, train.dpo_beta 500.
+MODE_SETS = {"per-pair": ("train.steps=10", "train.before_steps=10")}
 COLUMNS = {  # what the table shows per enhancement: (metric, label, as a transfer)
     "photometric": [("brightness", "brightness transfer", True), ("warmth", "warmth transfer", True)],
     "stages": [("world_quality", "d world_quality", False), ("world_alignment", "d world_alignment", False),
@@ -190,6 +197,8 @@ def summarise(per_seed: dict, prompts, shift: dict) -> dict:
         pooled = clustered(averaged, prompts, reference=shift.get(m))
         out["pooled"][m] = {**pooled, "seed_means": means, "seed_sd": spread}
     out["train_seconds"] = statistics.mean(r["train_seconds"] for r in per_seed.values())
+    costs = [r["worker_seconds_per_pair"] for r in per_seed.values() if "worker_seconds_per_pair" in r]
+    out["worker_seconds_per_pair"] = statistics.mean(costs) if costs else None
     return out
 
 
@@ -215,12 +224,16 @@ def train_and_measure(name: str, variant: str, seed: int, folders: dict, context
     cfg, prod, args, held, base, scores = context
     mode, on_null = VARIANTS[variant]
     out = os.path.join(args.work, name, f"{mode}{'-null' if on_null else ''}-seed{seed}")
-    lora, seconds, _ = prod.train(folders[on_null], out, seed, mode)
+    lora, seconds, summary = prod.train(folders[on_null], out, seed, mode, MODE_SETS.get(mode, ()))
     images = mw.sample_images(cfg, [lora], *held)
     got = differences(images, base["images"], base["metrics"], held[0], scores)
     means = {k: round(float(np.mean(v)), 4) for k, v in got.items()}
     log.info("%s / %s / seed %d: %s", name, variant, seed, means)
-    return {"lora": lora, "train_seconds": round(seconds, 1), "differences": got}
+    # Cost: the training's own wall time (the worker group's or fit actors' start included) times the
+    # workers it held, per pair trained on; the latent cache is shared by every variant and left out.
+    per_pair = summary["seconds"] * cfg.train.num_workers / summary["cache"]["usable"]
+    return {"lora": lora, "train_seconds": round(seconds, 1), "differences": got,
+            "worker_seconds_per_pair": round(per_pair, 3)}  # fmt: skip
 
 
 def run_all(prepared: dict, context, state: dict, state_path: str) -> dict:

@@ -41,12 +41,15 @@ def table(results: dict, columns_of: dict) -> str:
         columns = [c for c in columns_of[name] if c[0] in record["reference"]]
         columns.append(("content_error", "content error", False))
         lines.append(f"\n{name} enhancement ({record['pairs']} pairs; mean [95% CI clustered by prompt])")
-        lines.append(f"{'':30s}" + "".join(f"{label:>26s}" for _, label, _ in columns) + f"{'train s':>9s}")
+        header = "".join(f"{label:>26s}" for _, label, _ in columns)
+        lines.append(f"{'':30s}{header}{'train s':>9s}{'worker s/pair':>15s}")
         reference = "".join(cell(record["reference"].get(m, {})) for m, _, _ in columns)
         lines.append(f"{'the enhancement (reference)':30s}{reference}")
         for variant, summary in record["variants"].items():
             row = "".join(cell(summary["pooled"].get(m, {})) for m, _, _ in columns)
-            lines.append(f"{variant:30s}{row}{summary['train_seconds']:>9.0f}")
+            cost = summary.get("worker_seconds_per_pair")
+            cost = f"{cost:>15.2f}" if cost is not None else f"{'-':>15s}"
+            lines.append(f"{variant:30s}{row}{summary['train_seconds']:>9.0f}{cost}")
         for variant, figures in record.get("versus_control", {}).items():
             row = "".join(cell(figures.get(m, {})) for m, _, _ in columns)
             lines.append(f"{variant + ' - null':30s}{row}")

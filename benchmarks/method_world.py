@@ -67,15 +67,16 @@ class Production:
         log.info("%s: artaug %s %.0f s", tag, name, seconds)
         return seconds
 
-    def train(self, pairs: str, out: str, seed: int, mode: str) -> tuple[str, float, dict]:
-        """(LoRA path, seconds, the stage's summary) of one production training run.
+    def train(self, pairs: str, out: str, seed: int, mode: str, extra=()) -> tuple[str, float, dict]:
+        """(LoRA path, seconds, the stage's summary) of one production training run; `extra`: the
+        mode's own `--set` items.
 
         The latent cache (VAE posterior means and text embeddings: no randomness) of the first run
         on `pairs` is copied into later outputs on the same pairs, where the train stage reuses a
         complete cache of the same pair folder, as a resumed run does: ~30 s of actor start-up saved
         per run on 2 cores, the training itself unchanged."""
         tag = f"train-{os.path.basename(os.path.dirname(out))}-{os.path.basename(out)}"
-        sets = (f"train.seed={seed}", f"train.mode={mode}")
+        sets = (f"train.seed={seed}", f"train.mode={mode}", *extra)
         shutil.rmtree(out, ignore_errors=True)  # a run of ours stopped part-way: start it again
         cache = self.caches.get(pairs)
         if cache is not None:
