@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Each builds .venv from the project's own files first
 # (scripts/install.sh is idempotent: a second run takes seconds).
-.PHONY: install run test test-quick bench bench-scale lint method-check
+.PHONY: install run test test-quick bench bench-scale bench-flux-gpu lint method-check
 
 install:
 	bash scripts/install.sh
@@ -21,6 +21,10 @@ bench: install
 # Prompt files and the generate stage against size (docs/benchmarks.md, "Scale"); about 7 minutes.
 bench-scale: install
 	.venv/bin/python benchmarks/scale.py
+
+# FLUX.1-dev's memory, sampling and training figures on one CUDA GPU (docs/benchmarks.md); <= 8 minutes.
+bench-flux-gpu: install
+	.venv/bin/python benchmarks/flux_gpu_memory.py benchmarks/results/flux-gpu.json
 
 lint: install
 	.venv/bin/ruff check artaug tests benchmarks && .venv/bin/ruff format --check artaug tests benchmarks && .venv/bin/lint-imports

@@ -109,12 +109,18 @@ def flux_dev_modules(full: bool, clip_tokens: dict | None = None, t5_tokens: dic
 
 def build_flux_dev_shapes(seed: int = 0) -> FluxPipeline:
     """The cut FLUX.1-dev pipeline in float32 on CPU; the same seed gives the same weights."""
+    return flux_dev_pipeline(full=False, seed=seed)
+
+
+def flux_dev_pipeline(full: bool, seed: int = 0) -> FluxPipeline:
+    """A FluxPipeline of `flux_dev_modules` with the character-level tokenizers, built on torch's
+    current device and default dtype (benchmarks/flux_gpu_memory.py builds it uncut on a GPU)."""
     clip_tokenizer = char_tokenizer(bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
     t5_tokenizer = char_tokenizer(eos="</s>", pad="<pad>", unk="<unk>")
     t5_tokenizer.model_max_length = T5_MAX_TOKENS
     ids = lambda t: {f"{k}_token_id": getattr(t, f"{k}_token_id") for k in ("bos", "eos", "pad")}  # noqa: E731
     torch.manual_seed(seed)
-    modules = flux_dev_modules(False, ids(clip_tokenizer), ids(t5_tokenizer))
+    modules = flux_dev_modules(full, ids(clip_tokenizer), ids(t5_tokenizer))
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
         vae=modules["vae"].eval(),
