@@ -94,6 +94,46 @@ def test_flux_dev_preset():
     assert {"to_q", "ff.net.0.proj", "norm1.linear", "norm.linear"} <= set(cfg.train.target_modules)
 
 
+def test_flux_dev_smoke_extends_flux_dev_and_fits_one_8_gpu_node():
+    smoke, dev = load_config("flux-dev-smoke"), load_config("flux-dev")
+    assert smoke.preset == "flux-dev-smoke"
+    changed = {
+        "generate.num_actors": 7, "critique.model": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "critique.tensor_parallel_size": 1, "train.steps": 40, "train.before_steps": 40,
+        "train.num_workers": 7, "train.checkpoint_every": 20, "loop.rounds": 1, "loop.max_prompts": 64,
+        "loop.new_prompts_each_round": False, "loop.eval_max_prompts": 64,
+    }  # fmt: skip
+    ours, theirs = _flat(to_dict(smoke)), _flat(to_dict(dev))
+    assert {key for key, value in ours.items() if theirs[key] != value} == {"preset", *changed}
+    assert all(ours[key] == value for key, value in changed.items())
+    # The critic engine holds one GPU for the run; hosts and workers take the other 7.
+    gpus = smoke.critique.tensor_parallel_size
+    assert gpus + smoke.generate.num_actors * smoke.generate.resources.gpus == 8
+    assert gpus + smoke.train.num_workers * smoke.train.resources.gpus == 8
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Every field of a config mapping by its dotted key."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_a_preset_extends_only_another_preset(monkeypatch):
+    import artaug.config.loading as loading
+
+    texts = {"world.yaml": "extends: flux-dev-smoke\n", "flux-dev-smoke.yaml": "extends: world\n"}
+    monkeypatch.setattr(loading, "_preset_text", lambda name: texts.get(name, "extends: nowhere\n"))
+    with pytest.raises(ConfigError, match="extends 'world', not another preset"):
+        load_config("world")
+    with pytest.raises(ConfigError, match="tiny.yaml: extends 'nowhere'"):
+        load_config("tiny")
+
+
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "my.yaml"
     path.write_text("preset: flux-dev\ngenerate:\n  steps: 10\n  width: 512\n")

@@ -58,9 +58,8 @@ def load_config(
     preset = preset or user.get("preset") or default_preset
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    name = f"{preset}.yaml"
     tree = to_dict(RunConfig())
-    _deep_update(tree, _migrate(_read_yaml_text(_preset_text(name), name), name))
+    _deep_update(tree, _preset_tree(preset))
     _deep_update(tree, user)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -149,6 +148,21 @@ def _deep_update(base: dict, extra: dict) -> None:
 
 def _preset_text(name: str) -> str:
     return resources.files("artaug.presets").joinpath(name).read_text()
+
+
+def _preset_tree(preset: str, seen: tuple[str, ...] = ()) -> dict:
+    """A preset's mapping; `extends: BASE` at its top applies the base preset's first, so a variant
+    (flux-dev-smoke) lists only what it changes."""
+    name = f"{preset}.yaml"
+    data = _migrate(_read_yaml_text(_preset_text(name), name), name)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if base not in PRESETS or base in seen + (preset,):
+        raise ConfigError(f"{name}: extends {base!r}, not another preset of {', '.join(PRESETS)}")
+    tree = _preset_tree(base, seen + (preset,))
+    _deep_update(tree, data)
+    return tree
 
 
 def _read_yaml_file(path: str) -> dict:

@@ -25,7 +25,7 @@ from artaug.config.stages import (
     TrainConfig,
 )
 
-Preset = Literal["world", "tiny", "flux-dev", "flux-dev-shapes"]
+Preset = Literal["world", "tiny", "flux-dev", "flux-dev-smoke", "flux-dev-shapes"]
 PRESETS: tuple[str, ...] = typing.get_args(Preset)
 
 
