@@ -12,6 +12,7 @@ from artaug.config import (
     Resources,
     RunConfig,
     describe,
+    dotted,
     field_docs,
     load_config,
     override,
@@ -103,24 +104,13 @@ def test_flux_dev_smoke_extends_flux_dev_and_fits_one_8_gpu_node():
         "train.num_workers": 7, "train.checkpoint_every": 20, "loop.rounds": 1, "loop.max_prompts": 64,
         "loop.new_prompts_each_round": False, "loop.eval_max_prompts": 64,
     }  # fmt: skip
-    ours, theirs = _flat(to_dict(smoke)), _flat(to_dict(dev))
+    ours, theirs = dotted(to_dict(smoke)), dotted(to_dict(dev))
     assert {key for key, value in ours.items() if theirs[key] != value} == {"preset", *changed}
     assert all(ours[key] == value for key, value in changed.items())
     # The critic engine holds one GPU for the run; hosts and workers take the other 7.
     gpus = smoke.critique.tensor_parallel_size
     assert gpus + smoke.generate.num_actors * smoke.generate.resources.gpus == 8
     assert gpus + smoke.train.num_workers * smoke.train.resources.gpus == 8
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Every field of a config mapping by its dotted key."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_a_preset_extends_only_another_preset(monkeypatch):

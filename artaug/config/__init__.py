@@ -10,7 +10,7 @@ or `override`, which validate again.
     cfg = override(cfg, {"serve.host": "0.0.0.0"})
 """
 
-from artaug.config.loading import RENAMED, load_config, override, to_dict, to_yaml
+from artaug.config.loading import RENAMED, dotted, load_config, override, to_dict, to_yaml
 from artaug.config.messages import ConfigError
 from artaug.config.reference import describe, field_docs, reference_markdown
 from artaug.config.run import PRESETS, RunConfig
@@ -55,6 +55,7 @@ __all__ = [
     "ServeConfig",
     "TrainConfig",
     "describe",
+    "dotted",
     "field_docs",
     "load_config",
     "override",

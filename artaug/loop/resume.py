@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from artaug import storage
-from artaug.config import RunConfig, load_config, to_dict
+from artaug.config import RunConfig, dotted, load_config, to_dict
 from artaug.layout import RunLayout
 from artaug.loop.manifest import Manifest, RunDirError
 
@@ -36,7 +36,7 @@ def changed(
     if not overrides:
         return cfg, {}
     new = load_config(path=run_yaml, overrides=[*recorded(manifest), *overrides])
-    before, after = _flat(to_dict(cfg)), _flat(to_dict(new))
+    before, after = dotted(to_dict(cfg)), dotted(to_dict(new))
     changes = {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
                if before.get(k) != after.get(k)}  # fmt: skip
     others = [k for k in changes if not k.startswith(CHANGEABLE)]
@@ -80,13 +80,3 @@ def _rounds_on_disk(layout: RunLayout) -> int:
     while storage.exists(layout.round(k + 1).root):
         k += 1
     return k
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
