@@ -62,11 +62,13 @@ from artaug.stats import clustered  # noqa: E402
 TRAIN_PROMPTS, TRAIN_SEEDS = 32, (0, 1)
 QUICK = {"train_prompts": 8, "heldout_prompts": 8, "seeds": [0]}
 DPO_SLOW = "dpo lr/10 (set after)"
+PER_PAIR_EXACT = "per-pair exact (after)"
 VARIANTS = {  # name -> (train.mode, trained on the null pairs)
     "differential": ("differential", False),
     "direct": ("direct", False),
     "pairwise-average": ("pairwise-average", False),
     "per-pair": ("per-pair", False),
+    PER_PAIR_EXACT: ("per-pair", False),
     "dpo": ("dpo", False),
     DPO_SLOW: ("dpo", False),
     "LoRA-1 alone (control)": ("direct", True),
@@ -78,11 +80,14 @@ VARIANTS = {  # name -> (train.mode, trained on the null pairs)
 # dpo keeps the defaults a user gets: its one phase of the preset's 40 steps, train.dpo_beta 500.
 # DPO_SLOW was added after dpo's first results (both implicit rewards falling: once the sigmoid
 # saturates, Adam's normalised steps keep moving the LoRA): the same at a tenth of the learning rate.
+# PER_PAIR_EXACT was added after per-pair's (its mean cut to rank 8 lost ~60% of the norm): the mean
+# kept exact (rank pairs x 8), to tell the fits from the cut.
 VARIANT_SETS = {
     "per-pair": ("train.steps=10", "train.before_steps=10"),
     DPO_SLOW: ("train.learning_rate=0.0002",),
+    PER_PAIR_EXACT: ("train.steps=10", "train.before_steps=10", "train.pair_exact_rank=512"),
 }
-FOLDER_TAGS = {DPO_SLOW: "-lr0.0002"}  # a variant's runs beside its mode's others
+FOLDER_TAGS = {DPO_SLOW: "-lr0.0002", PER_PAIR_EXACT: "-exact"}  # a variant's runs beside its mode's others
 COLUMNS = {  # what the table shows per enhancement: (metric, label, as a transfer)
     "photometric": [("brightness", "brightness transfer", True), ("warmth", "warmth transfer", True)],
     "stages": [("world_quality", "d world_quality", False), ("world_alignment", "d world_alignment", False),
