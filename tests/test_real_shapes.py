@@ -186,6 +186,7 @@ def test_qwen25_vl_critic_reads_a_1024_pixel_image_as_the_real_processor_does(tm
     from artaug.critic.backends import critic_model, critique_task
     from artaug.critic.openai_backend import Endpoint, OpenAICritic, request_body
     from artaug.critic.server import start_server, stop_server, wait_ready
+    from artaug.critic.tiny_vlm import processor_inputs
     from tests.conftest import tiny_config
 
     cfg = tiny_config(**{
@@ -204,13 +205,7 @@ def test_qwen25_vl_critic_reads_a_1024_pixel_image_as_the_real_processor_does(tm
     assert (request["box_scale_w"], request["box_scale_h"]) == (1036, 756)
 
     messages, schema = critique_task("pixels").request(request)
-    chat = [  # the processor's chat template takes an image placeholder where the request has a data URL
-        {**m, "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]}
-        if isinstance(m["content"], list) else m
-        for m in messages
-    ]  # fmt: skip
-    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    encoded = processor(text=[text], images=[image], return_tensors="pt")
+    encoded = processor_inputs(processor, messages, image)
     assert encoded["image_grid_thw"].tolist() == [[1, 756 // 14, 1036 // 14]]  # patch 14, 1,036 x 756
     image_tokens = int((encoded["input_ids"] == processor.image_token_id).sum())
     assert image_tokens == (756 // 28) * (1036 // 28) == 999  # 2x2 merge

@@ -56,9 +56,11 @@ def server_command(model: str, host: str, port: int, cfg: CritiqueConfig, on_gpu
 
 
 def start_server(
-    model: str, cfg: CritiqueConfig, host: str = "127.0.0.1", port: int = 8011, log_path=None, api_key=None
-):
+    model: str, cfg: CritiqueConfig, host: str = "127.0.0.1", port: int = 8011, log_path=None, api_key=None,
+    extra_args: tuple[str, ...] = (),
+):  # fmt: skip
     """Start the server process (its output goes to log_path); returns (process, base_url).
+    `extra_args` go to vLLM as they are (the real-shapes benchmark's `--load-format dummy`).
 
     With `api_key`, every /v1 request must carry it (Authorization: Bearer). It goes to vLLM through
     its environment, not its command line, which any user of the machine can read.
@@ -71,7 +73,7 @@ def start_server(
     if api_key:
         env["VLLM_API_KEY"] = api_key
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    command = server_command(model, host, port, cfg, torch.cuda.is_available())
+    command = [*server_command(model, host, port, cfg, torch.cuda.is_available()), *extra_args]
     process = subprocess.Popen(
         command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
     )

@@ -21,6 +21,7 @@ import os
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -113,9 +114,14 @@ def _text_config(ids: dict, vocab: int) -> dict:
     )
 
 
-def build_tiny_vlm(directory: str, seed: int = 0, family: str = "tiny") -> str:
+def build_tiny_vlm(
+    directory: str, seed: int = 0, family: str = "tiny", text: dict | None = None, vision: dict | None = None,
+    weights: bool = True,
+) -> str:  # fmt: skip
     """Build, save (safetensors, tokenizer, processor, chat template) and return the folder; `family`:
-    "tiny" (Qwen2-VL) or "tiny-qwen2.5-vl" (Qwen2.5-VL's processor and vision width)."""
+    "tiny" (Qwen2-VL) or "tiny-qwen2.5-vl" (Qwen2.5-VL's processor and vision width). `text` and
+    `vision` override config values; without `weights` only the configuration is saved, for vLLM's
+    `--load-format dummy` (benchmarks/critic_real_shapes.py: 7B widths, no 7B of memory)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIALS}
@@ -125,25 +131,32 @@ def build_tiny_vlm(directory: str, seed: int = 0, family: str = "tiny") -> str:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    text = _text_config(ids, len(tokenizer))
+    text = _text_config(ids, len(tokenizer)) | (text or {})
     if family == "tiny-qwen2.5-vl":
-        vision = dict(QWEN25_VISION, depth=2, fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        tower = dict(QWEN25_VISION, depth=2, fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=tower | (vision or {}), **tokens)
         model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
         pixels = dict(min_pixels=QWEN25_MIN_PIXELS, max_pixels=QWEN25_MAX_PIXELS)
     else:
-        vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        tower = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+        config = Qwen2VLConfig(text_config=text, vision_config=tower | (vision or {}), **tokens)
         model_class, processor_class = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
         pixels = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     config.eos_token_id = ids["<|im_end|>"]
     config.pad_token_id = ids["<|endoftext|>"]
-    model = model_class(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
     os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    if weights:
+        model = model_class(config).eval()
+        model.generation_config.eos_token_id = ids["<|im_end|>"]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        config.architectures = [model_class.__name__]  # how vLLM picks the model class
+        config.save_pretrained(directory)
+        GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]).save_pretrained(
+            directory
+        )
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
@@ -159,3 +172,15 @@ def ensure_tiny_vlm(cache_dir: str, seed: int = 0, family: str = "tiny") -> str:
     return build_once(
         cache_dir, f"{FOLDERS[family]}-seed{seed}", lambda folder: build_tiny_vlm(folder, seed, family)
     )
+
+
+def processor_inputs(processor, messages: list[dict], image):
+    """What a VLM's own processor makes of a critique request (its data URL given as `image`): the
+    inputs whose length the prompt vLLM counts must equal (tests and benchmarks of the real shapes)."""
+    chat = [  # the chat template takes an image placeholder where the request has a data URL
+        {**m, "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]}
+        if isinstance(m["content"], list) else m
+        for m in messages
+    ]  # fmt: skip
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt")
