@@ -168,6 +168,7 @@ STARTED_EARLY = (
     "resume_drill_started",  # tests/loop_runs.py: a copy of its round 1, resumed, killed, resumed
     "simulated_cluster_started",  # tests/own_ray.py
     "stopped_server_started",  # tests/own_ray.py
+    "real_shapes_started",  # tests/real_shapes_run.py: FLUX.1-dev's widths through the stages
 )
 
 
@@ -288,6 +289,20 @@ def stopped_server_started(heavy, tmp_path_factory):
 def stopped_server(stopped_server_started):
     """`artaug serve` on its own Ray, healthy, then SIGTERM (tests/own_ray.py)."""
     return stopped_server_started.result()
+
+
+@pytest.fixture(scope="session")
+def real_shapes_started(heavy, tmp_path_factory):
+    from tests.real_shapes_run import run_in_background
+
+    workdir = str(tmp_path_factory.mktemp("real-shapes"))
+    return heavy.submit("FLUX.1-dev's shapes through the stages", run_in_background, workdir)
+
+
+@pytest.fixture(scope="session")
+def real_shapes(real_shapes_started) -> dict:
+    """The flux-dev-shapes stages' folders and the served answer (tests/real_shapes_run.py)."""
+    return real_shapes_started.result()
 
 
 @pytest.fixture(scope="session")

@@ -2,73 +2,55 @@
 
 Every component is built at FLUX.1-dev's published widths with the depth cut (models/flux_shapes.py):
 generate at 256 px, enhance with one region, train one step per phase with gradient checkpointing,
-fuse, and serve one request, all in bfloat16 on the session's Ray. The model is built once into
-model.cache_dir (the first run writes ~2 GB there). Images are noise: only shapes and paths are real.
+fuse, and serve one request, all in bfloat16, run beside the other tests on a Ray of their own
+(tests/real_shapes_run.py, a background piece); the tests here read what it left. The model is built
+once into model.cache_dir (the first run writes ~2 GB there). Images are noise: only shapes and paths
+are real.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import requests
 import torch
 from PIL import Image
 from safetensors import safe_open
 
-from artaug import storage
-from artaug.cli import main as cli
 from artaug.config import load_config
 from artaug.layout import TrainOutput
 from artaug.lora.files import check_finite, check_fits, read_metadata
-from artaug.models.flux_shapes import cached_flux_dev_shapes
+from artaug.models.flux_shapes import flux_dev_modules
 from artaug.models.sampling import Job, sample
 from artaug.models.synthesis import load_pipeline
-from artaug.rows import CRITIQUE
 from artaug.stages.contract import read_stage
 from tests.conftest import free_port
+from tests.real_shapes_run import PROMPT, RANK, REGION, SIDE
 
 pytestmark = pytest.mark.heavy
 
-PROMPT = "a lighthouse on a cliff at dusk"
-REGION = {"box": [0.0, 0.0, 0.5, 1.0], "prompt": "a tall white lighthouse"}
-SIDE = 256
 PACKED_TOKENS = (SIDE // 16) ** 2  # one token per 2x2 patch of the 1/8 latent
-# One optimizer step at flux-dev's learning rate (1e-4) moves bf16 weights by less than their rounding
-# step: the test trains at 1e-2 so that the fused model visibly differs from the base. Rank 4, not 16:
-# fusing costs one fp32 pass over each targeted weight per rank (lora/fuse.py), measured at ~20 s for
-# rank 16 on 2 threads at these widths; the shapes that matter here are the widths, not the rank.
-RANK = 4
-TRAIN_SETTINGS = [f"train.learning_rate={0.01}", f"train.rank={RANK}", f"train.alpha={RANK}"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    """This process computes only while the stages' processes wait: it may take both cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
 
 
 def shapes_config(**overrides):
     return load_config("flux-dev-shapes", overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
-@pytest.fixture(scope="module")
-def model_folder() -> str:
-    """The FLUX.1-dev-shaped model, built once into model.cache_dir (every stage below reads it)."""
-    model = shapes_config().model
-    return cached_flux_dev_shapes(model.cache_dir, model.tiny_seed)
+@pytest.fixture
+def two_threads():
+    """This test runs with the session's last ones: it may take both cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_what_reaches_the_transformer_has_flux_devs_shapes(model_folder):
-    pipe = load_pipeline(shapes_config().model)
+def test_what_reaches_the_transformer_has_flux_devs_shapes(real_shapes, two_threads):
+    pipe = load_pipeline(shapes_config().model)  # the folder the background run built
     transformer = pipe.transformer
     assert transformer.dtype == torch.bfloat16 and transformer.inner_dim == 3072
     assert (len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)) == (1, 1)
@@ -100,80 +82,41 @@ def test_what_reaches_the_transformer_has_flux_devs_shapes(model_folder):
     assert latent.shape == (1, 16, SIDE // 8, SIDE // 8)
 
 
-@pytest.fixture(scope="module")
-def run(ray_local, model_folder, tmp_path_factory) -> dict:
-    """generate (one prompt), a hand-written critique with one region, enhance, train: the stages'
-    CLI commands at the preset's sizes; yields the folders."""
-    root = tmp_path_factory.mktemp("real-shapes")
-    (root / "prompts.txt").write_text(PROMPT + "\n")
-    preset = ["--preset", "flux-dev-shapes"]
-    assert cli(["generate", "--prompts", str(root / "prompts.txt"), "--out", str(root), *preset]) == 0
-    rows = read_stage(str(root / "generate"), columns=["prompt_id", "prompt", "seed", "round"]).to_pylist()
-    critique = {"assessment": "", "rating": 5, "adjustments": [], "regions": [REGION],
-                "rewritten_prompt": "", "rejected_regions": []}  # fmt: skip
-    rows = [{**r, "status": "ok", "critique": json.dumps(critique), "backend": "test"} for r in rows]
-    (root / "critique").mkdir()
-    table = pa.Table.from_pylist([{n: r.get(n) for n in CRITIQUE.names} for r in rows], schema=CRITIQUE)
-    pq.write_table(table, root / "critique" / "part.parquet")
-    storage.mark_complete(str(root / "critique"), {"rows": len(rows)})
-    args = ["enhance", "--images", str(root), "--critiques", str(root), "--out", str(root), *preset]
-    assert cli(args) == 0
-    train = str(root / "train")
-    settings = [arg for setting in TRAIN_SETTINGS for arg in ("--set", setting)]
-    assert cli(["train", "--pairs", str(root / "enhance"), "--out", train, *preset, *settings]) == 0
-    return {"root": str(root), "train": TrainOutput(train)}
-
-
-def test_generate_and_enhance_at_256_pixels(run):
-    (image,) = read_stage(f"{run['root']}/generate").to_pylist()
+def test_generate_and_enhance_at_256_pixels(real_shapes):
+    root = real_shapes["root"]
+    (image,) = read_stage(f"{root}/generate").to_pylist()
     assert Image.open(io.BytesIO(image["image"])).size == (SIDE, SIDE)
-    (pair,) = read_stage(f"{run['root']}/enhance").to_pylist()
+    (pair,) = read_stage(f"{root}/enhance").to_pylist()
     assert pair["mode"] == "regional" and not pair["unchanged"] and not pair["error"]
     assert json.loads(pair["regions"]) == [REGION]
     before, after = (np.asarray(Image.open(io.BytesIO(pair[k]))) for k in ("before", "after"))
     assert before.shape == after.shape == (SIDE, SIDE, 3) and not np.array_equal(before, after)
 
 
-def test_training_caches_real_shapes_and_its_lora_loads_back(run):
-    (row,) = read_stage(run["train"].latents).to_pylist()
+def test_training_caches_real_shapes_and_its_lora_loads_back(real_shapes):
+    train = TrainOutput(real_shapes["train"])
+    (row,) = read_stage(train.latents).to_pylist()
     assert row["dtype"] == "bfloat16" and row["skipped"] is None
     assert row["latent_shape"] == [16, SIDE // 8, SIDE // 8] and row["text_shape"] == [512, 4096]
-    lora = run["train"].lora
-    metadata = read_metadata(lora)
+    metadata = read_metadata(train.lora)
     assert metadata["steps"] == 2 and metadata["base_model"] == "flux-dev-shapes"  # one step per phase
-    weights = check_finite(lora)
+    assert metadata["rank"] == RANK
+    weights = check_finite(train.lora)
     assert {t.shape for k, t in weights.items() if "lora_A" in k} >= {(RANK, 3072)}
-    pipe = load_pipeline(shapes_config().model)
-    check_fits(lora, {"transformer": pipe.transformer})  # every key names a layer of the right shape
+    with torch.device("meta"):  # shapes only: every key names a layer of the right shape
+        modules = flux_dev_modules(full=False)
+    check_fits(train.lora, {"transformer": modules["transformer"]})
 
 
-def test_fused_model_is_served(run, model_folder, tmp_path):
-    from ray import serve
-
-    from artaug.serve.app import build_app
-    from artaug.serve.launch import resolve_config
-
-    fused = str(tmp_path / "fused")
-    assert cli(["fuse", "--preset", "flux-dev-shapes", "--base", "flux-dev-shapes",
-                "--lora", run["train"].lora, "--out", fused]) == 0  # fmt: skip
+def test_the_fused_model_changed_where_flux_dev_trains_and_was_served(real_shapes):
     name = "transformer/diffusion_pytorch_model.safetensors"
-    with safe_open(f"{fused}/{name}", "pt") as new, safe_open(f"{model_folder}/{name}", "pt") as old:
+    fused, base = f"{real_shapes['fused']}/{name}", f"{real_shapes['model']}/{name}"
+    with safe_open(fused, "pt") as new, safe_open(base, "pt") as old:
         changed = [k for k in old.keys() if not torch.equal(old.get_tensor(k), new.get_tensor(k))]
     assert any("norm1.linear" in k for k in changed)  # a modulation layer, as flux-dev targets
     assert any("single_transformer_blocks" in k for k in changed)
-    port, app = free_port(), "artaug-real-shapes"
-    cfg = resolve_config(preset="flux-dev-shapes", overrides=[
-        f"model.source={fused}", f"serve.port={port}", f"serve.app_name={app}"])  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(cfg), name=app, route_prefix="/")
-        body = {"prompt": PROMPT, "seed": 3, "size": f"{SIDE}x{SIDE}", "steps": 2}
-        answer = requests.post(f"http://127.0.0.1:{port}/v1/images/generations", json=body, timeout=300)
-        assert answer.status_code == 200, answer.text
-        (data,) = answer.json()["data"]
-        assert Image.open(io.BytesIO(base64.b64decode(data["b64_json"]))).size == (SIDE, SIDE)
-    finally:
-        serve.shutdown()
+    assert real_shapes["served"]["status"] == 200, real_shapes["served"]["text"]
+    assert Image.open(f"{real_shapes['root']}/served.png").size == (SIDE, SIDE)
 
 
 def test_qwen25_vl_critic_reads_a_1024_pixel_image_as_the_real_processor_does(tmp_path):
