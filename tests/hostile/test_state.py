@@ -432,10 +432,13 @@ def test_a_forked_child_that_outlives_the_run_does_not_keep_its_lock(tmp_path):
         [sys.executable, "-c", ORPHANING_HOLDER, run_dir], stdout=subprocess.PIPE, text=True
     )
     # Both lines, in either order: the child's says it has passed the fork hooks (on a busy machine
-    # it may not have run yet when its parent exits).
-    lines = {parent.stdout.readline().strip() for _ in range(2)}
+    # it may not have run yet when its parent exits). Other lines (a library's notice) are skipped.
+    lines = []
+    while not ("child running" in lines and any(line.isdigit() for line in lines)):
+        line = parent.stdout.readline()
+        assert line, f"the lock holder's output ended early: {lines}"
+        lines.append(line.strip())
     (child,) = (int(line) for line in lines if line.isdigit())
-    assert "child running" in lines
     parent.wait()
     try:
         assert _alive_pid(child)
