@@ -151,13 +151,13 @@ class Sampler(threading.Thread):
                 "tree_pss_peak_mb": round(self.tree_peak / MB, 1), "samples": self.samples}  # fmt: skip
 
 
-def part_generate(prompts_file: str, images: int, out: str) -> dict:
+def part_generate(prompts_file: str, images: int, out: str, sets: list[str] = ()) -> dict:
     """The generate stage in this fresh process: on a run's first 4 prompts of `prompts_file`, or on
     `images` generated prompts; Ray started first, outside the timer and the baselines."""
     from artaug.cluster import init_ray
     from artaug.prompts import PromptSet
 
-    cfg = run_config(prompts_file or "unused.txt")
+    cfg = run_config(prompts_file or "unused.txt", sets)
     if prompts_file:
         from artaug.loop.prompt_sets import check_prompts, train_prompts
 
@@ -187,7 +187,7 @@ def part_generate(prompts_file: str, images: int, out: str) -> dict:
 def part(args) -> dict:
     if args.part == "read":
         return part_read(args.file, args.whole)
-    return part_generate(args.file, args.images[0], args.work)
+    return part_generate(args.file, args.images[0], args.work, args.sets)
 
 
 def measure(argv: list[str], work: str) -> dict:
@@ -218,6 +218,8 @@ def main() -> None:
     parser.add_argument("--startup-images", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], choices=["read", "run", "generate"])
     parser.add_argument("--part", choices=["read", "generate"], help=argparse.SUPPRESS)
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="settings of the generate stage runs (generate.block_rows=...)")  # fmt: skip
     parser.add_argument("--file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", default="", help=argparse.SUPPRESS)
@@ -231,6 +233,7 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": commit.stdout.strip(),
         "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
+        "sets": args.sets,
         "goal": f"reading: peak growth under {GOAL_READ_MB} MB from 10k to 1M and 10M prompts;"
         " generate: memory flat and time linear from 256 to 4096 prompts",
     }
@@ -255,7 +258,8 @@ def main() -> None:
         stage = results["generate_stage"] = {}
         for n in (args.startup_images, *args.images):
             with tempfile.TemporaryDirectory(prefix="artaug-scale-gen-") as work:
-                stage[str(n)] = measure(["--part", "generate", "--images", str(n)], work)
+                sets = [arg for item in args.sets for arg in ("--set", item)]
+                stage[str(n)] = measure(["--part", "generate", "--images", str(n), *sets], work)
         summarize_stage(results, args.startup_images, args.images)
     results["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
     os.makedirs(args.out, exist_ok=True)

@@ -183,3 +183,12 @@ def test_cli_refuses_bad_input_with_clear_messages(tmp_path):
     result = run_cli("--help")
     assert result.returncode == 0
     assert all(c in result.stdout for c in ("run", "generate", "models", "config"))
+
+
+def test_prompt_blocks_are_capped_so_a_block_holds_few_images():
+    from artaug.stages.generator import prompt_blocks
+
+    generate = tiny_config(**{"generate.num_actors": 2}).generate
+    assert generate.block_rows == 64 and generate.blocks == 0
+    assert [prompt_blocks(n, generate) for n in (3, 8, 256, 512, 513, 4096)] == [3, 8, 8, 8, 9, 64]
+    assert prompt_blocks(4096, tiny_config(**{"generate.blocks": 5}).generate) == 5  # as set

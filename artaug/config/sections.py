@@ -121,7 +121,11 @@ class GenerateConfig:
     num_actors: Count = 2
     """Synthesis hosts (model replicas kept warm for the run: generate, enhance, evaluation)."""
     blocks: NonNegativeInt = 0
-    """Ray Data blocks the prompts are split into; 0 means 4 per actor."""
+    """Ray Data blocks the prompts are split into; 0: 4 per actor, more if one would exceed block_rows."""
+    # A block's images reach the object store only when the whole block is done: without a cap the
+    # store's peak grows with the number of prompts (12.6x for 16x, docs/benchmarks.md "Scale").
+    block_rows: Count = 64
+    """With blocks 0, most prompts per block (at 1024x1024 ~100 MB of PNGs), so memory stays flat."""
     resources: Resources = field(default_factory=cpu_only)
     """Ray resources of each generation and enhancement actor (one model replica each)."""
 

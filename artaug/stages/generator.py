@@ -10,6 +10,7 @@ finish.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import pyarrow as pa
@@ -109,6 +110,13 @@ def _row_problem(row: dict, max_side: int) -> str | None:
     return None
 
 
+def prompt_blocks(rows: int, generate) -> int:
+    """Ray Data blocks for `rows` prompts: generate.blocks, else 4 per synthesis host, or more where a
+    block would hold more than generate.block_rows prompts (a block's images are stored together)."""
+    default = max(4 * generate.num_actors, math.ceil(rows / generate.block_rows))
+    return min(rows, generate.blocks or default)
+
+
 def generated_images(
     cfg: RunConfig, prompts: PromptSet, hosts: Hosts, round_index: int = 1
 ) -> ray.data.Dataset:
@@ -117,9 +125,8 @@ def generated_images(
     check_source(cfg.model)
     columns = ("prompt_id", "prompt", "index", *PER_ROW_SETTINGS)
     rows = [{c: row.get(c) for c in columns} for row in prompts.rows]  # uniform: one schema for all blocks
-    blocks = min(len(rows), cfg.generate.blocks or 4 * cfg.generate.num_actors)
     return map_on_hosts(
-        ray.data.from_items(rows, override_num_blocks=blocks),
+        ray.data.from_items(rows, override_num_blocks=prompt_blocks(len(rows), cfg.generate)),
         hosts.pool("synthesis"),
         FluxGenerator,
         {"cfg": cfg, "round_index": round_index},
