@@ -339,10 +339,14 @@ def test_a_busy_server_is_the_clients_503_and_its_retry_after_is_honoured(served
     import openai
 
     url, cfg, _ = served
-    s, attempts = cfg.serve, []
-    count = 2 * (s.max_ongoing_requests + s.max_queued_requests)  # twice: under load Serve counts late
-    blockers = [open_request(url, "a blocked road", seed) for seed in range(count)]
+    s, attempts, blockers = cfg.serve, [], []
     refused = threading.Event()
+
+    def fill() -> bool:
+        # The proxy drops what arrives faster than the ingress admits it (a 503 to that blocker), so a
+        # fixed count may leave the model's queue short under load: add blockers until a probe is refused.
+        blockers.extend(open_request(url, "a blocked road", len(blockers) + i) for i in range(8))
+        return full(impatient)
 
     def on_response(response):
         attempts.append((response.status_code, time.monotonic()))
@@ -354,7 +358,7 @@ def test_a_busy_server_is_the_clients_503_and_its_retry_after_is_honoured(served
     patient = openai_client(url, max_retries=8, http_client=http)  # more than the default 2: see below
     try:
         impatient = openai_client(url, max_retries=0).images
-        wait_for(lambda: full(impatient), "the queue to be full")
+        wait_for(fill, "the queue to be full")
         with pytest.raises(openai.InternalServerError) as caught:
             impatient.generate(prompt="a", extra_body={"steps": 2, "timeout": 5})
         assert caught.value.status_code == 503 and "at capacity" in caught.value.message
