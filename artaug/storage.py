@@ -64,6 +64,9 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+_TEMPORARY = ".tmp"  # `write_bytes` writes `.<name>.<random>.tmp` beside `name`, then renames it
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Replace `path` whole: the old content or the new survives a kill, never a partial file."""
     fs, p = resolve(path)
@@ -74,7 +77,7 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     folder = os.path.dirname(p)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(p)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(p)}.", suffix=_TEMPORARY, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
@@ -145,6 +148,20 @@ def list_files(folder: str) -> dict[str, int]:
         if info.type == pafs.FileType.File and rel != SUCCESS and "/." not in f"/{rel}":
             files[rel] = info.size
     return files
+
+
+def remove_leftover_temporaries(folder: str) -> int:
+    """Delete the temporary files a kill in the middle of `write_bytes` left under a local `folder`
+    (hidden, so `list_files` never lists them); returns how many. Object stores leave none."""
+    if is_uri(folder) or not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".") and name.endswith(_TEMPORARY):
+                os.unlink(os.path.join(parent, name))
+                removed += 1
+    return removed
 
 
 def first_written(folder: str, since: float, suffix: str = "") -> float | None:

@@ -7,8 +7,9 @@ fingerprint (a hash of what the rows depend on: model, settings, input). Each fi
 (a local rename, one PUT on object stores), so a kill leaves at worst a part without a record.
 
 A re-run of an incomplete stage (`resume`) keeps the parts whose record is intact, matches the
-fingerprint and whose file has the recorded size; it deletes everything else in the stage folder and
-returns the ids already done, so only the other rows go through the model. The completion marker,
+fingerprint and whose file has the recorded size; it deletes everything else in the stage folder (the
+hidden temporary of a file a kill caught mid-write too) and returns the ids already done, so only the
+other rows go through the model. The completion marker,
 written after the last part (`artaug.stages.contract`), covers all of them. Readers never see the
 records: Parquet readers skip names starting with "_".
 
@@ -74,6 +75,7 @@ def resume(stage_dir: str, key: str) -> set[str]:
     for name in found:
         if name not in kept and name != storage.SUCCESS:
             storage.remove(storage.join(stage_dir, name))
+    storage.remove_leftover_temporaries(stage_dir)  # a part or record the kill caught mid-write
     if done:
         log.info("%s: %d row(s) in %d complete part(s) kept from an earlier attempt", stage_dir,
                  len(done), len(kept) // 2)  # fmt: skip

@@ -417,10 +417,10 @@ from artaug.runlock import hold
 with hold(sys.argv[1]):
     child = os.fork()
     if child == 0:  # a forked child (e.g. an engine core) shares the lock and outlives its parent
-        print("child running", flush=True)  # after os.fork's hooks, which drop the lock in the child
+        os.write(1, b"child running\\n")  # after os.fork's hooks, which drop the lock in the child
         time.sleep(60)
         os._exit(0)
-    print(child, flush=True)
+    os.write(1, f"{child}\\n".encode())  # one write each: print's two (text, end) can interleave
     os._exit(0)
 """
 

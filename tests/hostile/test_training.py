@@ -229,7 +229,10 @@ def test_killed_generate_resumes_with_only_the_missing_rows(ray_local, tmp_path)
     recorded = parts_rows(stage_dir)
     assert 20 <= recorded < 40
     with open(os.path.join(stage_dir, "part-killed-00000.parquet"), "wb") as f:
-        f.write(b"PAR1 cut short")  # what a kill mid-write leaves: a part without a record
+        f.write(b"PAR1 cut short")  # what a kill between a part and its record leaves
+    temporary = os.path.join(stage_dir, "_parts", ".part-killed-00000.json.x1y2.tmp")
+    with open(temporary, "w") as f:
+        f.write("{")  # what a kill in the middle of writing a record leaves (storage.write_bytes)
 
     assert cli(args) == 0
     summary = storage.read_summary(stage_dir)
@@ -240,6 +243,7 @@ def test_killed_generate_resumes_with_only_the_missing_rows(ray_local, tmp_path)
     ids = read_stage(stage_dir, columns=["prompt_id"]).column("prompt_id").to_pylist()
     assert len(ids) == len(set(ids)) == 40
     assert not os.path.exists(os.path.join(stage_dir, "part-killed-00000.parquet"))
+    assert not [n for n in os.listdir(os.path.join(stage_dir, "_parts")) if not n.endswith(".json")]
     records = [
         json.load(open(os.path.join(stage_dir, "_parts", n)))
         for n in os.listdir(os.path.join(stage_dir, "_parts"))
