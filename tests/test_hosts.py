@@ -35,13 +35,16 @@ def test_one_host_serves_every_round_with_the_weights_of_a_fresh_load(ray_local,
     hosts = Hosts(base)
     try:
         runs = [("base", base), ("round2", round2), ("base-again", base), ("round2-again", round2)]
-        for name, cfg in runs:
-            generate(cfg, prompts, str(tmp_path / name), hosts=hosts)
+        stages = [generate(cfg, prompts, str(tmp_path / name), hosts=hosts) for name, cfg in runs]
         summary = hosts_summary(hosts.stats())["synthesis"]
     finally:
         hosts.close()
     assert summary["loads"] == {"synthesis": 1} and summary["processes"] == 1
     assert summary["weight_sets"] == 3 and summary["rows"] == 16
+    # Start-up until the first batch's work (the host's start and load in the first stage only) and
+    # until the first part written (that batch's work too).
+    assert all(0 <= s["first_work_s"] <= s["first_output_s"] for s in stages), stages
+    assert stages[0]["first_work_s"] > max(s["first_work_s"] for s in stages[1:]), stages
     generate(round2, prompts, str(tmp_path / "fresh"))  # hosts of its own: a fresh load of round 2
     assert images(str(tmp_path / "base")) == images(str(tmp_path / "base-again"))
     assert images(str(tmp_path / "round2")) == images(str(tmp_path / "round2-again"))

@@ -179,6 +179,7 @@ class Manifest:
                 errors=summary.get("errors", summary.get("failed")),
                 seconds=summary.get("seconds"),
                 first_output_s=summary.get("first_output_s"),
+                first_work_s=summary.get("first_work_s"),
                 metrics=stage_metrics(name, summary),
             )
             self.save()

@@ -293,7 +293,8 @@ def _log_row_errors(stage_dir: str, limit: int = 20) -> None:
 
 _SHOWN = (
     "rows", "images", "ok", "invalid", "failed", "enhanced", "unchanged", "accepted", "acceptance_rate",
-    "mean_aesthetic_gain", "steps", "final_loss", "errors", "rank", "first_output_s", "seconds",
+    "mean_aesthetic_gain", "steps", "final_loss", "errors", "rank", "first_work_s", "first_output_s",
+    "seconds",
 )  # fmt: skip
 
 

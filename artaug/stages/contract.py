@@ -9,7 +9,10 @@ written, last. This module owns that protocol:
   completed `stage_dir` unless `overwrite=True`, clears a half-written one (a resumable stage keeps
   it: training resumes from its checkpoints, generate and enhance from their complete parts,
   `artaug.stages.parts`), starts or joins Ray, times the work and writes the
-  marker. Whether a complete stage is skipped is the caller's decision (the loop's, or the user's).
+  marker. Two start-up figures: `first_output_s` (until the first Parquet part of this attempt) and,
+  for stages that run on warm hosts, `first_work_s` (until a host, its models loaded and set, began
+  the first batch: start-up without that batch's work; `StageClock`). Whether a complete stage is
+  skipped is the caller's decision (the loop's, or the user's).
 - `resolve_input` finds a stage's input: the folder itself or its `<stage>` sub-folder.
 - `read_stage` reads a stage's rows.
 """
@@ -19,8 +22,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +46,32 @@ class StageInputError(ArtaugError, ValueError):
     """A stage's input is missing, incomplete or lacks columns; the message names the path."""
 
 
+@dataclass
+class StageClock:
+    """A stage attempt's start (epoch seconds) and probes that tell when its first batch of work began.
+
+    `artaug.stages.hosts.map_on_hosts` tags its calls with `tag` and adds a probe for its pool: the
+    earliest time a host, its models loaded and set, began a batch with this tag (host clocks: on a
+    cluster, NTP's skew between nodes applies)."""
+
+    tag: str
+    started_at: float
+    probes: list[Callable[[], float | None]] = field(default_factory=list)
+
+    def first_work_s(self) -> float | None:
+        """Seconds from the start to the first batch of this attempt on any host; None without one."""
+        times = [t for t in (probe() for probe in self.probes) if t is not None]
+        return max(0.0, min(times) - self.started_at) if times else None
+
+
+_clock = threading.local()  # overlapping stages run in threads of their own (artaug.loop.overlap)
+
+
+def current_clock() -> StageClock | None:
+    """The clock of the stage running in this thread, if any."""
+    return getattr(_clock, "value", None)
+
+
 def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayConfig | None = None,
               overwrite: bool = False, resumable: bool = False) -> dict:  # fmt: skip
     """Run `work` into `stage_dir` under the contract; returns the summary written to its marker."""
@@ -57,12 +89,21 @@ def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayC
 
         init_ray(ray_cfg, output=stage_dir)
     start, started_at = time.perf_counter(), time.time()
-    summary = {"stage": name, **work()}
+    clock, outer = StageClock(f"{name}:{uuid.uuid4().hex}", started_at), current_clock()
+    _clock.value = clock
+    try:
+        summary = {"stage": name, **work()}
+    finally:
+        _clock.value = outer
     summary.setdefault("seconds", round(time.perf_counter() - start, 3))
-    # Start-up (pools, imports, model loads): until the first rows of this attempt are out.
+    # Start-up (pools, imports, model loads): until the first rows of this attempt are out, and
+    # until the first batch's work began (without that batch's own seconds).
     first = storage.first_written(stage_dir, started_at, suffix=".parquet")
     if first is not None:
         summary.setdefault("first_output_s", round(first, 3))
+    first_work = clock.first_work_s()
+    if first_work is not None:
+        summary.setdefault("first_work_s", round(first_work, 3))
     storage.mark_complete(stage_dir, summary)
     return summary
 

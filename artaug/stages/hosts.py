@@ -24,6 +24,7 @@ batch to a host: Ray Data keeps the sharding, streaming and back-pressure; the h
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -37,6 +38,7 @@ import ray
 
 from artaug.cluster import gpus_for, label_selector, ray_resources
 from artaug.config import Resources, RunConfig
+from artaug.stages.contract import current_clock
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,17 @@ class ModelHost:
         self._cache: dict = {}
         self._born = time.monotonic()
         self._stats = {"pid": os.getpid(), "loads": {}, "calls": 0, "rows": 0, "busy_s": 0.0, "work": {}}
+        self._first_calls: dict[str, float] = {}  # a stage attempt's tag -> when its first batch began
 
-    def run(self, work: str, batch: pa.Table, **kwargs) -> pa.Table:
-        """`work` ("module:Class", imported here so the calling tasks never import torch)."""
+    def run(self, work: str, batch: pa.Table, clock_tag: str | None = None, **kwargs) -> pa.Table:
+        """`work` ("module:Class", imported here so the calling tasks never import torch); `clock_tag`:
+        the stage attempt this call belongs to (`artaug.stages.contract.StageClock`)."""
         start = time.perf_counter()
         module, _, name = work.partition(":")
-        out = getattr(importlib.import_module(module), name)(host=self, **kwargs)(batch)
+        worker = getattr(importlib.import_module(module), name)(host=self, **kwargs)  # loads, sets LoRAs
+        if clock_tag is not None:  # the models are ready: the batch's own work begins
+            self._first_calls.setdefault(clock_tag, time.time())
+        out = worker(batch)
         seconds = time.perf_counter() - start
         per_work = self._stats["work"].setdefault(name, {"calls": 0, "rows": 0, "busy_s": 0.0})
         for counters in (self._stats, per_work):
@@ -77,6 +84,9 @@ class ModelHost:
 
     def stats(self) -> dict:
         return {**self._stats, "alive_s": time.monotonic() - self._born}
+
+    def first_call(self, clock_tag: str) -> float | None:
+        return self._first_calls.get(clock_tag)
 
 
 class Router:
@@ -127,19 +137,28 @@ class HostPool:
                             "work": {}})  # fmt: skip
         return out
 
+    def first_call(self, clock_tag: str) -> float | None:
+        """When a host of this pool, its models ready, first began a batch tagged `clock_tag` (epoch);
+        None if none did."""
+        times = []
+        for handle in self.handles:
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                times.append(ray.get(handle.first_call.remote(clock_tag), timeout=60))
+        return min((t for t in times if t is not None), default=None)
+
     def close(self) -> None:
         for handle in [*self.handles, self.router]:
             ray.kill(handle)
         self.handles = []
 
 
-def call_host(batch: pa.Table, pool: HostPool, work: str, kwargs: dict) -> pa.Table:
+def call_host(batch: pa.Table, pool: HostPool, work: str, kwargs: dict, clock_tag: str | None) -> pa.Table:
     """Ray Data task: run `work` on one batch on the least busy host of `pool`."""
     index = ray.get(pool.router.acquire.remote())
     try:
         for attempt in range(60):  # a host restarting answers "unavailable" for a while
             try:
-                return ray.get(pool.handles[index].run.remote(work, batch, **kwargs))
+                return ray.get(pool.handles[index].run.remote(work, batch, clock_tag, **kwargs))
             except ray.exceptions.ActorUnavailableError:
                 if attempt == 59:
                     raise
@@ -149,10 +168,19 @@ def call_host(batch: pa.Table, pool: HostPool, work: str, kwargs: dict) -> pa.Ta
 
 
 def map_on_hosts(ds: ray.data.Dataset, pool: HostPool, work: type, kwargs: dict, batch_size: int):
-    """`ds` with `work` applied to every batch on the pool's hosts (Ray Data tasks as callers)."""
+    """`ds` with `work` applied to every batch on the pool's hosts (Ray Data tasks as callers); the
+    running stage's clock learns when the first call began."""
+    clock = current_clock()
+    if clock is not None:
+        clock.probes.append(functools.partial(pool.first_call, clock.tag))
     return ds.map_batches(
         call_host,
-        fn_kwargs={"pool": pool, "work": f"{work.__module__}:{work.__qualname__}", "kwargs": kwargs},
+        fn_kwargs={
+            "pool": pool,
+            "work": f"{work.__module__}:{work.__qualname__}",
+            "kwargs": kwargs,
+            "clock_tag": clock and clock.tag,
+        },  # fmt: skip
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=pool.size),
