@@ -95,6 +95,8 @@ def run_stage(name: str, stage_dir: str, work: Callable[[], dict], ray_cfg: RayC
         summary = {"stage": name, **work()}
     finally:
         _clock.value = outer
+        if outer is not None:  # a stage run inside another (evaluate's generations): its work is the outer's
+            outer.probes.extend(clock.probes)
     summary.setdefault("seconds", round(time.perf_counter() - start, 3))
     # Start-up (pools, imports, model loads): until the first rows of this attempt are out, and
     # until the first batch's work began (without that batch's own seconds).

@@ -242,6 +242,27 @@ def test_a_stage_records_when_its_first_file_was_written_not_an_earlier_attempts
     assert "first_output_s" not in run_stage("generate", str(tmp_path / "empty"), dict)  # no file, no figure
 
 
+def test_first_work_s_is_the_earliest_probe_and_a_nested_stage_s_counts_for_its_outer_one(tmp_path):
+    """first_work_s: until a host began the first batch (a probe tells when, as map_on_hosts adds one);
+    evaluate runs its generations as stages of their own, whose first work is also evaluate's."""
+    from artaug.stages.contract import current_clock
+
+    def inner() -> dict:
+        started = current_clock().started_at
+        current_clock().probes.extend([lambda: started + 0.7, lambda: None, lambda: started + 0.9])
+        return {}
+
+    def outer() -> dict:
+        time.sleep(0.3)
+        assert run_stage("generate", str(tmp_path / "inner"), inner)["first_work_s"] == 0.7
+        return {}
+
+    summary = run_stage("evaluate", str(tmp_path / "outer"), outer)
+    assert 0.95 <= summary["first_work_s"] <= 1.3, summary  # the inner stage began 0.3 s in
+    assert current_clock() is None
+    assert "first_work_s" not in run_stage("filter", str(tmp_path / "alone"), dict)  # no host, no figure
+
+
 def test_a_follower_reads_this_attempt_s_parts_as_they_land_and_earlier_ones_at_the_end(tmp_path):
     """`parts.follow`: a part written since following began comes out while the writer still writes;
     a part kept from an earlier attempt (its writer may yet delete it) only once the stage is complete."""
