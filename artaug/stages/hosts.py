@@ -169,7 +169,7 @@ def call_host(batch: pa.Table, pool: HostPool, work: str, kwargs: dict, clock_ta
 
 def map_on_hosts(ds: ray.data.Dataset, pool: HostPool, work: type, kwargs: dict, batch_size: int):
     """`ds` with `work` applied to every batch on the pool's hosts (Ray Data tasks as callers); the
-    running stage's clock learns when the first call began."""
+    running stage's clock learns when the first batch began on a host."""
     clock = current_clock()
     if clock is not None:
         clock.probes.append(functools.partial(pool.first_call, clock.tag))
@@ -180,7 +180,7 @@ def map_on_hosts(ds: ray.data.Dataset, pool: HostPool, work: type, kwargs: dict,
             "work": f"{work.__module__}:{work.__qualname__}",
             "kwargs": kwargs,
             "clock_tag": clock and clock.tag,
-        },  # fmt: skip
+        },
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=pool.size),
