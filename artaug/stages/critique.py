@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from artaug import storage
@@ -29,7 +30,7 @@ from artaug.critic.answers import (
     read_answer,
     request_for,
 )
-from artaug.critic.backends import ask, critic_model, critique_task
+from artaug.critic.backends import MODEL_FREE, ask, critic_model, critique_task, model_free_answers
 from artaug.critic.openai_backend import Endpoint
 from artaug.images import BadImageError, decode_image
 from artaug.rows import CRITIQUE
@@ -72,6 +73,18 @@ def parse_answers(batch: pa.Table, backend: str, box_format: str) -> pa.Table:
         result = {k: row[k] for k in (*_IDS, "raw", "model", "seconds")}
         out.append({**result, "backend": backend, **read_answer(row, box_format)})
     return pa.Table.from_pylist(out, schema=CRITIQUE)
+
+
+def critique_without_model(batch: pa.Table, cfg: CritiqueConfig) -> pa.Table:
+    """Prepare, answer and parse one batch in one task: a critic with no model (critique.backend in
+    MODEL_FREE) needs no separate ask, so the stage runs one Ray Data execution, not three."""
+    requests = prepare(batch, cfg)
+    usable = pc.is_null(requests.column("error"))
+    answers = pa.concat_tables([
+        model_free_answers(requests.filter(usable), cfg.backend),
+        failed_answers(requests.filter(pc.invert(usable))),
+    ])  # fmt: skip
+    return parse_answers(answers, cfg.backend, cfg.box_format)
 
 
 def _checks(cfg: RunConfig, images: str, *_, writer: parts.Writer | None = None, **__) -> None:
@@ -127,6 +140,12 @@ def _critique_rows(rows: ray.data.Dataset, cfg: RunConfig, model: str, endpoint:
     """Critique one batch of input rows into parts of `stage_dir`; returns the critic's errors (one
     per image it was asked about) for the stage's failed-fraction rule."""
     critic = cfg.critique
+    if endpoint is None and critic.backend in MODEL_FREE:
+        critiqued = rows.map_batches(
+            critique_without_model, fn_kwargs={"cfg": critic}, batch_format="pyarrow"
+        )
+        parts.write(critiqued, stage_dir, key)
+        return []  # such a critic answers every image or raises: no per-row failures to count
     prepared = rows.map_batches(prepare, fn_kwargs={"cfg": critic}, batch_format="pyarrow").materialize()
     good = prepared.filter(lambda row: row["error"] is None)
     bad = prepared.filter(lambda row: row["error"] is not None)
