@@ -14,7 +14,7 @@ import ray
 from artaug import storage
 from artaug.models.lineage import model_of_round
 from artaug.prompts import read_prompts
-from artaug.stages.contract import read_stage
+from artaug.stages.contract import read_stage, run_stage
 from artaug.stages.generate import generate
 from artaug.stages.hosts import Hosts, hosts_hold_gpus, hosts_summary
 from tests.conftest import tiny_config
@@ -37,8 +37,11 @@ def test_one_host_serves_every_round_with_the_weights_of_a_fresh_load(ray_local,
         runs = [("base", base), ("round2", round2), ("base-again", base), ("round2-again", round2)]
         stages = [generate(cfg, prompts, str(tmp_path / name), hosts=hosts) for name, cfg in runs]
         summary = hosts_summary(hosts.stats())["synthesis"]
+        use_and_release = lambda: _generate_then_release(base, prompts, tmp_path / "released", hosts)  # noqa: E731
+        released = run_stage("uses-then-releases", str(tmp_path / "outer"), use_and_release)
     finally:
         hosts.close()
+    assert released["first_work_s"] >= 0  # asked after its hosts were gone: kept when they were released
     assert summary["loads"] == {"synthesis": 1} and summary["processes"] == 1
     assert summary["weight_sets"] == 3 and summary["rows"] == 16
     # Start-up until the first batch's work (the host's start and load in the first stage only) and
@@ -50,6 +53,13 @@ def test_one_host_serves_every_round_with_the_weights_of_a_fresh_load(ray_local,
     assert images(str(tmp_path / "round2")) == images(str(tmp_path / "round2-again"))
     assert images(str(tmp_path / "round2")) == images(str(tmp_path / "fresh"))
     assert images(str(tmp_path / "round2")) != images(str(tmp_path / "base"))
+
+
+def _generate_then_release(cfg, prompts, folder, hosts: Hosts) -> dict:
+    """As the train stage on GPUs: uses the hosts (a stage inside this one), then releases them."""
+    generate(cfg, prompts, str(folder), hosts=hosts)
+    hosts.release()
+    return {}
 
 
 def test_a_host_killed_mid_stage_is_replaced_and_every_row_is_written(ray_local, prompt_file, tmp_path):

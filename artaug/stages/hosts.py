@@ -85,8 +85,8 @@ class ModelHost:
     def stats(self) -> dict:
         return {**self._stats, "alive_s": time.monotonic() - self._born}
 
-    def first_call(self, clock_tag: str) -> float | None:
-        return self._first_calls.get(clock_tag)
+    def first_calls(self) -> dict[str, float]:
+        return dict(self._first_calls)
 
 
 class Router:
@@ -115,6 +115,9 @@ class HostPool:
     size: int
     handles: list = field(default_factory=list)
     router: object = None
+    # The hosts' first calls per clock tag, kept at `close`: a stage may ask after its hosts were released
+    # (train releases GPU hosts after its latent cache, before Ray Train).
+    closed_first_calls: dict[str, float] | None = None
 
     def __post_init__(self):
         options = ray_resources(self.resources)
@@ -140,13 +143,21 @@ class HostPool:
     def first_call(self, clock_tag: str) -> float | None:
         """When a host of this pool, its models ready, first began a batch tagged `clock_tag` (epoch);
         None if none did."""
-        times = []
+        if self.closed_first_calls is not None:
+            return self.closed_first_calls.get(clock_tag)
+        return self._first_calls().get(clock_tag)
+
+    def _first_calls(self) -> dict[str, float]:
+        """Per clock tag, the earliest first call over the hosts that answer."""
+        earliest: dict[str, float] = {}
         for handle in self.handles:
             with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                times.append(ray.get(handle.first_call.remote(clock_tag), timeout=60))
-        return min((t for t in times if t is not None), default=None)
+                for tag, when in ray.get(handle.first_calls.remote(), timeout=60).items():
+                    earliest[tag] = min(when, earliest.get(tag, when))
+        return earliest
 
     def close(self) -> None:
+        self.closed_first_calls = self._first_calls()
         for handle in [*self.handles, self.router]:
             ray.kill(handle)
         self.handles = []
