@@ -1,8 +1,10 @@
 """Warm hosts hand their GPUs to training: a 2-round `artaug run` on a simulated cluster shaped like
 flux-dev's one GPU node group (docs/benchmarks.md, "Shared GPU node group: hosts hand their GPUs to
-training").
+training"); with `--topology separate`, the alternative that keeps them: training on a node group of
+its own.
 
-    .venv/bin/python benchmarks/shared_gpu_cluster.py [--out DIR] [--work DIR] [--keep]
+    .venv/bin/python benchmarks/shared_gpu_cluster.py [--topology shared|separate] [--out DIR]
+        [--work DIR] [--keep]
 
 The cluster (ray.cluster_utils.Cluster, several raylets on this machine, as tests/multinode_scenario.py):
 a CPU-only head and 2 worker nodes labelled artaug-node-type=gpu with 1 logical GPU each, the gpu
@@ -19,6 +21,10 @@ this process joins the cluster and runs round 2's generate twice on one set of h
 prompts and model): the first call pays the hosts' start and model load, as round 2 does after the
 release; the second is the warm-host generate a run whose hosts were kept would pay. Results:
 OUT/shared-gpu-cluster.json (default benchmarks/results/).
+
+`--topology separate`: 3 gpu nodes (2 synthesis hosts and 1 scorer host, a GPU each, so no pool
+releases another) and 2 nodes labelled artaug-node-type=train for the 2 training workers, so the
+hosts live for the run: the synthesis model loads once per host. Results: OUT/separate-gpu-groups.json.
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-GPU_LABEL = "artaug-node-type=gpu"
 HEAD = {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}
-GPU_NODE = {"num_cpus": 3, "num_gpus": 1, "labels": {"artaug-node-type": "gpu"}}
-GPU_NODES = 2
+SYNTHESIS_HOSTS = TRAIN_WORKERS = 2
+# Node groups per topology: label -> nodes (1 logical GPU and 3 CPUs each).
+TOPOLOGIES = {"shared": {"gpu": 2}, "separate": {"gpu": 3, "train": 2}}
+RESULTS = {"shared": "shared-gpu-cluster.json", "separate": "separate-gpu-groups.json"}
 ROUND_STAGES = ("generate", "critique", "enhance", "filter", "train", "register")
-SETTINGS = [
+COMMON_SETTINGS = [
     "ray.shared_filesystem=true",  # every "node" here sees this machine's disk
     "model.device=auto",  # compute where torch finds a device (the CPU: the GPUs are logical)
     "critique.backend=heuristic",
@@ -55,20 +62,31 @@ SETTINGS = [
     # Every pair the critic changed trains (the filter's verdict is not what is measured here).
     "filter.delta=-1000", "filter.epsilon=1000", "filter.keep_unchanged=true",
     "loop.min_acceptance_rate=0", "loop.min_aesthetic_gain=-1000",
-    # flux-dev's placement (jobs/flux-dev.yaml): a whole GPU of the gpu node group each.
-    f"generate.num_actors={GPU_NODES}", "scorers.num_actors=1", f"train.num_workers={GPU_NODES}",
-    *(f"{section}.resources.{key}" for section in ("generate", "scorers", "train")
-      for key in ("gpus=1", f"node_labels={GPU_LABEL}")),
+    f"generate.num_actors={SYNTHESIS_HOSTS}", "scorers.num_actors=1", f"train.num_workers={TRAIN_WORKERS}",
 ]  # fmt: skip
+
+
+def gpu_node(label: str) -> dict:
+    return {"num_cpus": 3, "num_gpus": 1, "labels": {"artaug-node-type": label}}
+
+
+def settings(topology: str) -> list[str]:
+    """flux-dev's placement (jobs/flux-dev.yaml): a whole GPU each, on the gpu node group; training on
+    the train group when it has one."""
+    groups = {"generate": "gpu", "scorers": "gpu", "train": "train" if topology == "separate" else "gpu"}
+    return [*COMMON_SETTINGS, *(f"{section}.resources.{key}" for section, label in groups.items()
+                                for key in ("gpus=1", f"node_labels=artaug-node-type={label}"))]  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the run
 
 
-def run_loop(address: str, run_dir: str, log_path: str, timeout_s: float, stall_s: float) -> dict:
+def run_loop(address: str, run_dir: str, log_path: str, timeout_s: float, stall_s: float,
+             topology: str) -> dict:  # fmt: skip
     """`artaug run` against the cluster; stopped when it runs past timeout_s or stalls."""
+    sets = [f"ray.address={address}", *settings(topology)]
     command = [sys.executable, "-m", "artaug.cli", "run", "--preset", "tiny", "--out", run_dir,
-               "--set", f"ray.address={address}", *(a for s in SETTINGS for a in ("--set", s))]  # fmt: skip
+               *(a for s in sets for a in ("--set", s))]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     manifest = os.path.join(run_dir, "manifest.json")
@@ -202,9 +220,11 @@ def figures(manifest: dict, rounds: dict, reference: dict | None) -> dict:
     synthesis = manifest.get("hosts", {}).get("synthesis", {})
     n_rounds = len(rounds)
     out = {
+        "synthesis_hosts": SYNTHESIS_HOSTS,
         "synthesis_loads": sum(synthesis.get("loads", {}).values()),
-        "synthesis_loads_release_and_reload": GPU_NODES * n_rounds,  # hosts x (1 + reloads)
-        "synthesis_loads_if_a_pool_per_stage": GPU_NODES * 2 * n_rounds,  # x (generate, enhance) x rounds
+        "synthesis_loads_release_and_reload": SYNTHESIS_HOSTS * n_rounds,  # hosts x (1 + reloads)
+        # hosts x (generate, enhance) x rounds
+        "synthesis_loads_if_a_pool_per_stage": SYNTHESIS_HOSTS * 2 * n_rounds,
     }
     generate = [rounds[k]["stages"]["generate"]["seconds"] for k in sorted(rounds)]
     train = [rounds[k]["stages"]["train"]["seconds"] for k in sorted(rounds)]
@@ -251,6 +271,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--topology",
+        choices=sorted(TOPOLOGIES),
+        default="shared",
+        help="shared: training on the hosts' gpu group; separate: on a train group of its own",
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results folder")
     parser.add_argument("--work", default="", help="run directory's parent (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
@@ -270,21 +296,27 @@ def main() -> int:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"ray {ray.__version__}",
-        "cluster": {"head": HEAD, "gpu_nodes": [GPU_NODE] * GPU_NODES},
-        "settings": SETTINGS,
+        "topology": args.topology,
+        "cluster": {
+            "head": HEAD,
+            "node_groups": {label: [gpu_node(label)] * n for label, n in TOPOLOGIES[args.topology].items()},
+        },
+        "settings": settings(args.topology),
     }
     cluster = None
     try:
         start = time.perf_counter()
         cluster = start_cluster(temp_dir)
-        nodes = [cluster.add_node(**GPU_NODE) for _ in range(GPU_NODES)]
+        groups = TOPOLOGIES[args.topology].items()
+        nodes = {cluster.add_node(**gpu_node(label)).node_id: label for label, n in groups for _ in range(n)}
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
         results["cluster_start_s"] = round(time.perf_counter() - start, 1)
-        node_types = {n.node_id: "gpu" for n in nodes} | {cluster.head_node.node_id: "head"}
+        node_types = nodes | {cluster.head_node.node_id: "head"}
         since_ms = time.time() * 1000
         print(f"cluster {cluster.address}: {ray.cluster_resources()}; the run logs to {log_path}", flush=True)
-        results["run"] = run_loop(cluster.address, run_dir, log_path, args.timeout_s, args.stall_s)
+        results["run"] = run_loop(cluster.address, run_dir, log_path, args.timeout_s, args.stall_s,
+                                  args.topology)  # fmt: skip
         manifest_path = os.path.join(run_dir, "manifest.json")
         manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
         rounds = stage_table(manifest)
@@ -308,7 +340,7 @@ def main() -> int:
         else:
             results["work"] = work
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "shared-gpu-cluster.json")
+    path = os.path.join(args.out, RESULTS[args.topology])
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
