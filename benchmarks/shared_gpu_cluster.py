@@ -216,7 +216,7 @@ def warm_reference(run_dir: str, work: str) -> dict:
     return {"first_call_s": calls[0], "warm_call_s": calls[1], "synthesis_loads": loads}
 
 
-def figures(manifest: dict, rounds: dict, reference: dict | None) -> dict:
+def figures(manifest: dict, rounds: dict, reference: dict | None, topology: str) -> dict:
     synthesis = manifest.get("hosts", {}).get("synthesis", {})
     n_rounds = len(rounds)
     out = {
@@ -235,9 +235,10 @@ def figures(manifest: dict, rounds: dict, reference: dict | None) -> dict:
         warm = reference["warm_call_s"]
         out["round2_generate_s"] = generate[1]
         out["warm_generate_s"] = warm
+        out["first_call_vs_warm"] = round(reference["first_call_s"] / warm, 2)
+    if topology == "shared" and "round2_generate_s" in out:  # round 2 reloads: what that costs
         out["reload_cost_s"] = round(generate[1] - warm, 3)
         out["round2_vs_warm"] = round(generate[1] / warm, 2)
-        out["first_call_vs_warm"] = round(reference["first_call_s"] / warm, 2)
         if train[1]:
             out["reload_cost_vs_train_fit"] = round((generate[1] - warm) / train[1], 3)
     return out
@@ -326,7 +327,7 @@ def main() -> int:
         if manifest.get("status") == "finished" and len(rounds) == 2:
             reference = warm_reference(run_dir, os.path.join(work, "reference"))
             results["warm_reference"] = reference
-        results["figures"] = figures(manifest, rounds, reference)
+        results["figures"] = figures(manifest, rounds, reference, args.topology)
         results["load_average_1_5_15_min_at_end"] = os.getloadavg()  # other work on the machine skews seconds
         with open(log_path) as f:
             results["run"]["log_tail"] = f.read()[-3000:] if results["run"]["returncode"] else ""
