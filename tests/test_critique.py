@@ -127,6 +127,7 @@ def test_vllm_backend_through_ray_data_llm(images, tmp_path):
     assert summary["ok"] == 6 and summary["failed"] == 2
 
 
+@pytest.mark.heavy
 def test_openai_backend_against_a_real_vllm_server(ray_local, images, vlm_server, tmp_path):
     import requests
 

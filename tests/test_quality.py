@@ -521,6 +521,7 @@ def test_filter_refuses_rows_that_are_not_pairs(ray_local, tmp_path, capsys):
 # ---------------------------------------------------------------- evaluate end to end
 
 
+@pytest.mark.heavy
 def test_evaluate_base_vs_lora_end_to_end(ray_local, vlm_server, cache, tmp_path, capsys):
     from tests.test_models import make_lora
 

@@ -186,6 +186,7 @@ def vllm_served(ray_local, tiny_dir, world_served):
     serve.shutdown()
 
 
+@pytest.mark.heavy
 def test_the_critic_asks_a_vllm_engine_deployed_by_ray_serve_llm(vllm_served):
     url, _ = vllm_served
     answer = post(
