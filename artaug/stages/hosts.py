@@ -157,7 +157,8 @@ class HostPool:
         return earliest
 
     def close(self) -> None:
-        self.closed_first_calls = self._first_calls()
+        if self.closed_first_calls is None:  # a second close keeps what the first one read
+            self.closed_first_calls = self._first_calls()
         for handle in [*self.handles, self.router]:
             ray.kill(handle)
         self.handles = []
